@@ -1,0 +1,1 @@
+"""qdq: ONNX-centric quantization toolkit."""

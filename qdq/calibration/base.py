@@ -1,0 +1,149 @@
+"""QParamsCalculatorBase: the calculator interface and its name registry.
+
+A calculator sees one tensor per batch (``observe``) and keeps running statistics only,
+so its memory does not grow with the number of calibration samples. ``qparams()``
+turns the statistics into scale/zero-point with :func:`qdq.qparams.compute_qparams`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from qdq.errors import ConfigError, DataError
+from qdq.layout import QLayout
+from qdq.qparams import QParams, compute_qparams
+from qdq.spec import QuantizationSpec
+
+__all__ = ["QParamsCalculatorBase", "RangeCalculatorBase"]
+
+logger = logging.getLogger(__name__)
+
+_C = TypeVar("_C", bound=type)
+
+
+class QParamsCalculatorBase(ABC):
+    """Base of all calculators. Subclass, implement ``observe``/``compute_range``, register by name.
+
+    Example::
+
+        @QParamsCalculatorBase.register("p99")
+        class P99(RangeCalculatorBase): ...
+    """
+
+    _registry: ClassVar[dict[str, type[QParamsCalculatorBase]]] = {}
+    registered_name: ClassVar[str | None] = None
+
+    def __init__(self, spec: QuantizationSpec, layout: QLayout, **kwargs: Any) -> None:
+        if kwargs:
+            raise ConfigError(
+                f"calculator '{self.registered_name}' does not take {sorted(kwargs)}; "
+                "remove them from calculator_kwargs"
+            )
+        self.spec = spec
+        self.layout = layout
+        self.num_batches = 0
+
+    # ------------------------------------------------------------------ registry
+    @classmethod
+    def register(cls, name: str) -> Callable[[_C], _C]:
+        """Class decorator: make a calculator usable as ``qparam_calculator_cls=name`` (Python and YAML)."""
+        if not isinstance(name, str) or not name or name == "default":
+            raise ConfigError(f"calculator name must be a non-empty string other than 'default', got {name!r}")
+
+        def deco(klass: _C) -> _C:
+            if not (isinstance(klass, type) and issubclass(klass, QParamsCalculatorBase)):
+                raise ConfigError(f"{klass!r} must subclass QParamsCalculatorBase to be registered")
+            existing = cls._registry.get(name)
+            if existing is not None and existing.__qualname__ != klass.__qualname__:
+                raise ConfigError(
+                    f"a calculator named '{name}' is already registered ({existing.__qualname__}); pick another name"
+                )
+            klass.registered_name = name
+            cls._registry[name] = klass
+            return klass
+
+        return deco
+
+    @classmethod
+    def names(cls) -> list[str]:
+        _load_builtins()
+        return sorted(cls._registry)
+
+    @classmethod
+    def check_name(cls, name: str) -> None:
+        """Raise a ConfigError naming close matches when ``name`` is not registered."""
+        if name == "default":
+            return
+        _load_builtins()
+        if name not in cls._registry:
+            close = difflib.get_close_matches(name, cls._registry, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"unknown qparam_calculator_cls '{name}'{hint}; registered: {', '.join(sorted(cls._registry))} "
+                "(register your own with @QParamsCalculatorBase.register)"
+            )
+
+    @classmethod
+    def create(cls, spec: QuantizationSpec, layout: QLayout, *, is_weight: bool) -> QParamsCalculatorBase:
+        """Instantiate the spec's calculator; ``"default"`` is static for weights, moving_average otherwise."""
+        name = spec.qparam_calculator_cls
+        if name == "default":
+            name = "static" if is_weight else "moving_average"
+        cls.check_name(name)
+        return cls._registry[name](spec, layout, **dict(spec.calculator_kwargs))
+
+    # ------------------------------------------------------------------ interface
+    @abstractmethod
+    def observe(self, x: np.ndarray) -> None:
+        """Update running statistics with one batch of the tensor."""
+
+    @abstractmethod
+    def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The float range [min, max] to quantize, shaped like the scale."""
+
+    @property
+    def has_data(self) -> bool:
+        return self.num_batches > 0
+
+    def qparams(self) -> QParams:
+        if not self.has_data:
+            raise DataError(
+                f"calculator '{self.registered_name}' has seen no data; run calibration batches first"
+            )
+        lo, hi = self.compute_range()
+        return compute_qparams(self.spec, lo, hi)
+
+    @staticmethod
+    def _check_finite(x: np.ndarray) -> None:
+        if not np.isfinite(x).all():
+            raise DataError("NaN or Inf in an observed tensor; check the calibration data and the model")
+
+
+class RangeCalculatorBase(QParamsCalculatorBase):
+    """Helper base for calculators that track a per-unit min/max (subclasses define ``update``)."""
+
+    def __init__(self, spec: QuantizationSpec, layout: QLayout, **kwargs: Any) -> None:
+        super().__init__(spec, layout, **kwargs)
+        self.min_val: np.ndarray | None = None
+        self.max_val: np.ndarray | None = None
+
+    def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.min_val is not None and self.max_val is not None
+        return self.min_val, self.max_val
+
+
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        import qdq.calibration.minmax  # noqa: F401
+        import qdq.calibration.histogram  # noqa: F401

@@ -1,0 +1,29 @@
+"""User-facing errors: one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+__all__ = ["QdqError", "ConfigError", "ModelError", "DataError", "BackendError"]
+
+
+class QdqError(Exception):
+    """Base class for errors a user can act on; the CLI prints them as one line."""
+
+    exit_code = 1
+
+
+class ConfigError(QdqError, ValueError):
+    """A bad config key, value, op name or op type (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelError(QdqError):
+    """A malformed or unsupported model."""
+
+
+class DataError(QdqError):
+    """Calibration or evaluation data that cannot be used (empty, NaN/Inf, wrong shape)."""
+
+
+class BackendError(QdqError):
+    """The quantized model uses something the chosen backend cannot run."""
