@@ -1,0 +1,269 @@
+"""QuantizerConfig / ModuleQuantizerConfig: which tensors of which ops get which spec.
+
+Semantics follow coreai_opt: precedence op name -> op type -> global; ``None`` leaves an
+op (or a port) float; omitted spec dicts take the defaults (int8 per-channel weights,
+int8 per-tensor activations). Port keys are ``"*"``, an ONNX input/output name of the op
+(``X``, ``A``, ``Y`` ...), an index, or for state ``"weight"``/``"bias"`` (see qdq/ops.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qdq.errors import ConfigError
+from qdq.spec import QuantizationSpec, default_activation_spec, default_weight_spec
+
+__all__ = ["ModuleQuantizerConfig", "QuantizerConfig", "SpecDict"]
+
+SpecDict = dict[Any, "QuantizationSpec | None"]
+
+_UNSET: Any = object()
+
+
+def _parse_spec(value: Any, where: str) -> QuantizationSpec | None:
+    if value is None or isinstance(value, QuantizationSpec):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return QuantizationSpec.from_dict(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    # coreai_opt / pydantic QuantizationSpec objects: read the shared fields.
+    if type(value).__name__ == "QuantizationSpec" and hasattr(value, "dtype"):
+        fields = {"dtype": value.dtype, "qscheme": getattr(value, "qscheme", "symmetric"),
+                  "granularity": getattr(value, "granularity", None) or {"type": "per_tensor"},
+                  "qparam_calculator_cls": _coreai_calc_name(getattr(value, "qparam_calculator_cls", "default")),
+                  "float_range": _coreai_range(getattr(value, "float_range", None))}
+        return QuantizationSpec(**fields)
+    raise ConfigError(f"{where}: expected a QuantizationSpec, a mapping or null, got {value!r}")
+
+
+def _coreai_calc_name(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    name = getattr(value, "__name__", str(value))
+    table = {"StaticQParamsCalculator": "static", "MovingAverageQParamsCalculator": "moving_average",
+             "GlobalMinMaxQParamsCalculator": "global_minmax", "_DefaultQParamsCalculator": "default"}
+    return table.get(name, name)
+
+
+def _coreai_range(value: Any) -> Any:
+    if value is None or all(v is None for v in value):
+        return None
+    return list(value)
+
+
+def _parse_spec_dict(value: Any, where: str) -> dict[Any, QuantizationSpec | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of port -> spec (e.g. {{'*': {{dtype: int8}}}}), got {value!r}")
+    out: dict[Any, QuantizationSpec | None] = {}
+    for key, spec in value.items():
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise ConfigError(f"{where}: port key {key!r} must be '*', a port name or an index")
+        out[key] = _parse_spec(spec, f"{where}[{key!r}]")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleQuantizerConfig:
+    """Specs for an op's state (weights), inputs and outputs.
+
+    Omitted dicts take the defaults; ``None`` disables that kind of tensor entirely.
+    ``op_type_config`` / ``op_name_config`` are accepted for coreai_opt compatibility and act
+    like :class:`QuantizerConfig`'s ``op_type_configs`` / ``op_name_configs``.
+    """
+
+    op_state_spec: Any = _UNSET
+    op_input_spec: Any = _UNSET
+    op_output_spec: Any = _UNSET
+    op_type_config: Any = None
+    op_name_config: Any = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        defaults = {
+            "op_state_spec": {"weight": default_weight_spec()},
+            "op_input_spec": {"*": default_activation_spec()},
+            "op_output_spec": {"*": default_activation_spec()},
+        }
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            set_(self, name, default if value is _UNSET else _parse_spec_dict(value, name))
+        for name in ("op_type_config", "op_name_config"):
+            value = getattr(self, name)
+            set_(self, name, _parse_op_configs(value, name) if value else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("op_state_spec", "op_input_spec", "op_output_spec"):
+            value = getattr(self, name)
+            out[name] = None if value is None else {k: (None if s is None else s.to_dict()) for k, s in value.items()}
+        for name in ("op_type_config", "op_name_config"):
+            value = getattr(self, name)
+            if value:
+                out[name] = {k: (None if c is None else c.to_dict()) for k, c in value.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "global_config") -> ModuleQuantizerConfig:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {data!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        extra = [k for k in data if k not in valid]
+        if extra:
+            raise ConfigError(f"unknown key(s) {extra} in {where}; valid keys: {valid}")
+        try:
+            return cls(**dict(data))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def spec_for(self, kind: str, port_name: str | None, index: int) -> QuantizationSpec | None:
+        """Spec for one port: an explicit name or index wins over ``"*"``; missing = float."""
+        table = {"state": self.op_state_spec, "input": self.op_input_spec, "output": self.op_output_spec}[kind]
+        if not table:
+            return None
+        for key in (port_name, index):
+            if key is not None and key in table:
+                return table[key]
+        return table.get("*")
+
+
+def _parse_op_configs(value: Any, where: str) -> dict[str, ModuleQuantizerConfig | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping of name -> config (or null), got {value!r}")
+    out: dict[str, ModuleQuantizerConfig | None] = {}
+    for key, cfg in value.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: key {key!r} must be a string")
+        if cfg is None or isinstance(cfg, ModuleQuantizerConfig):
+            out[key] = cfg
+        elif isinstance(cfg, Mapping):
+            out[key] = ModuleQuantizerConfig.from_dict(cfg, f"{where}[{key!r}]")
+        elif type(cfg).__name__ in ("ModuleQuantizerConfig", "OpQuantizerConfig"):
+            out[key] = _from_coreai_module_config(cfg)
+        else:
+            raise ConfigError(f"{where}[{key!r}] must be a ModuleQuantizerConfig, a mapping or null")
+    return out
+
+
+def _from_coreai_module_config(cfg: Any) -> ModuleQuantizerConfig:
+    kwargs = {}
+    for name in ("op_state_spec", "op_input_spec", "op_output_spec"):
+        kwargs[name] = getattr(cfg, name, None)
+    return ModuleQuantizerConfig(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig:
+    """The whole model's quantization config.
+
+    Args:
+        global_config: applies to every supported op not configured more specifically
+            (``None`` = quantize nothing unless named below).
+        op_type_configs: ONNX op type (``"Conv"``; coreai_opt/torch names such as ``"conv2d"``,
+            ``"linear"`` are accepted as aliases) -> config or ``None`` (leave float).
+        op_name_configs: node name (exact, or a regular expression matched in full) -> config or ``None``.
+        qat_schedule: optional QAT schedule mapping, read by :mod:`qdq.qat`.
+    """
+
+    global_config: Any = _UNSET
+    op_type_configs: Any = None
+    op_name_configs: Any = None
+    qat_schedule: Any = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        g = self.global_config
+        if g is _UNSET:
+            g = ModuleQuantizerConfig()
+        elif isinstance(g, Mapping):
+            g = ModuleQuantizerConfig.from_dict(g)
+        elif g is not None and not isinstance(g, ModuleQuantizerConfig):
+            if type(g).__name__ == "ModuleQuantizerConfig":
+                g = _from_coreai_module_config(g)
+            else:
+                raise ConfigError(f"global_config must be a ModuleQuantizerConfig, a mapping or null, got {g!r}")
+        set_(self, "global_config", g)
+        type_cfgs = dict(g.op_type_config) if g is not None else {}
+        type_cfgs.update(_parse_op_configs(self.op_type_configs, "op_type_configs"))
+        name_cfgs = dict(g.op_name_config) if g is not None else {}
+        name_cfgs.update(_parse_op_configs(self.op_name_configs, "op_name_configs"))
+        set_(self, "op_type_configs", type_cfgs)
+        set_(self, "op_name_configs", name_cfgs)
+        if self.qat_schedule is not None and not isinstance(self.qat_schedule, Mapping):
+            if hasattr(self.qat_schedule, "to_dict"):
+                set_(self, "qat_schedule", self.qat_schedule.to_dict())
+            else:
+                raise ConfigError("qat_schedule must be a mapping, e.g. {enable_fake_quant: 100}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    _KEYS = ("global_config", "op_type_configs", "op_name_configs", "qat_schedule")
+    _TORCH_ONLY = {"module_type_configs": "op_type_configs", "module_name_configs": "op_name_configs"}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> QuantizerConfig:
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a quantizer config must be a mapping, got {type(data).__name__}")
+        for key in data:
+            if key in cls._TORCH_ONLY:
+                raise ConfigError(
+                    f"'{key}' selects torch modules; qdq configures ONNX ops: use '{cls._TORCH_ONLY[key]}'"
+                )
+        extra = [k for k in data if k not in cls._KEYS]
+        if extra:
+            raise ConfigError(f"unknown config key(s) {extra}; valid keys: {list(cls._KEYS)}")
+        kwargs = dict(data)
+        if "global_config" in kwargs:
+            kwargs["global_config"] = (
+                None if kwargs["global_config"] is None else ModuleQuantizerConfig.from_dict(kwargs["global_config"])
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike[str]) -> QuantizerConfig:
+        """Load from a YAML file path (or a YAML string containing a newline)."""
+        text = str(source)
+        if "\n" not in text:
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} not found; pass an existing YAML file")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        return cls.from_dict(data or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "global_config": None if self.global_config is None else self.global_config.to_dict(),
+        }
+        if out["global_config"]:
+            out["global_config"].pop("op_type_config", None)
+            out["global_config"].pop("op_name_config", None)
+        for name in ("op_type_configs", "op_name_configs"):
+            value = getattr(self, name)
+            if value:
+                out[name] = {k: (None if c is None else c.to_dict()) for k, c in value.items()}
+        if self.qat_schedule is not None:
+            out["qat_schedule"] = dict(self.qat_schedule)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

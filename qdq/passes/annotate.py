@@ -1,0 +1,286 @@
+"""Annotate: decide which tensors get QDQ pairs (writes a QuantPlan; does not touch the graph).
+
+Rules, in one place:
+- Op config precedence: op name (exact, else full-regex match) -> op type -> global; ``None`` = float.
+- Compute ops (qdq/ops.py OP_TABLE) quantize state ports (constant weights), input ports and
+  their output. An element-wise activation that is the only consumer of a compute op's output
+  is fused: the output spec applies after the activation, nothing between them.
+- After Relu / Clip(min >= 0) / Sigmoid / HardSigmoid / Softplus, integer activations are
+  asymmetric (the range starts at 0: zero point = qmin, no codes wasted; as coreai_opt does).
+- One pair per tensor and spec. When a producer quantizes its output, every consumer reads that
+  pair; a consumer whose input spec asks for the same dtype reuses it (the producer's spec wins),
+  one asking for another dtype gets its own pair on the float tensor.
+- Pass-through ops (Reshape, Transpose, MaxPool, ...) whose input is quantized give their
+  outputs a pair that shares the input's qparams: no re-quantization.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+
+import onnx_ir as ir
+
+from qdq.config import ModuleQuantizerConfig, QuantizerConfig
+from qdq.errors import ConfigError
+from qdq.layout import QLayout, resolve_layout
+from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type, port_name
+from qdq.plan import QuantPlan, QuantTarget
+from qdq.spec import QScheme, QuantizationSpec
+
+__all__ = ["AnnotatePass", "annotate"]
+
+logger = logging.getLogger(__name__)
+
+_NONNEG_ACTS = {"Relu", "Sigmoid", "HardSigmoid", "Softplus"}
+_REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")
+
+
+class _ConfigResolver:
+    """Per-node config lookup with validation of names and types against the model."""
+
+    def __init__(self, config: QuantizerConfig, graph: ir.Graph) -> None:
+        self.config = config
+        names = [n.name for n in graph if n.name]
+        name_set = set(names)
+        types_present = {n.op_type for n in graph}
+        self.by_name: dict[str, ModuleQuantizerConfig | None] = {}
+        self.patterns: list[tuple[re.Pattern[str], ModuleQuantizerConfig | None]] = []
+        for key, cfg in config.op_name_configs.items():
+            if key in name_set:
+                self.by_name[key] = cfg
+                continue
+            pattern = None
+            if _REGEX_CHARS.search(key):
+                try:
+                    pattern = re.compile(key)
+                except re.error:
+                    pattern = None
+            if pattern is None or not any(pattern.fullmatch(n) for n in names):
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise ConfigError(
+                    f"op_name_configs key '{key}' matches no node in the model{hint} "
+                    "(list node names with: qdq inspect MODEL.onnx)"
+                )
+            self.patterns.append((pattern, cfg))
+        self.by_type: dict[str, ModuleQuantizerConfig | None] = {}
+        for key, cfg in config.op_type_configs.items():
+            hits = [t for t in canonical_op_type(key) if t in types_present]
+            if not hits:
+                close = difflib.get_close_matches(key, sorted(types_present), n=3)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise ConfigError(
+                    f"op_type_configs key '{key}' matches no op type in the model{hint}; "
+                    f"the model has: {', '.join(sorted(types_present))}"
+                )
+            for t in hits:
+                self.by_type[t] = cfg
+
+    def resolve(self, node: ir.Node) -> tuple[ModuleQuantizerConfig | None, bool]:
+        """(config or None, whether the user named this node or its type explicitly)."""
+        if node.name in self.by_name:
+            return self.by_name[node.name], True
+        for pattern, cfg in self.patterns:
+            if pattern.fullmatch(node.name or ""):
+                return cfg, True
+        if node.op_type in self.by_type:
+            return self.by_type[node.op_type], True
+        return self.config.global_config, False
+
+
+def _is_constant(value: ir.Value) -> bool:
+    return value.const_value is not None
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _clip_min(node: ir.Node) -> float | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return float(node.inputs[1].const_value.numpy().reshape(-1)[0])
+    attr = node.attributes.get("min")
+    return None if attr is None else float(attr.as_float())
+
+
+def _after_activation(spec: QuantizationSpec, act: ir.Node | None) -> QuantizationSpec:
+    """coreai_opt's known-range rule: non-negative activations get an asymmetric integer grid."""
+    if act is None or spec.dtype.is_float or spec.qscheme is QScheme.ASYMMETRIC:
+        return spec
+    nonneg = act.op_type in _NONNEG_ACTS or (act.op_type == "Clip" and (_clip_min(act) or -1.0) >= 0.0)
+    return spec.replace(qscheme=QScheme.ASYMMETRIC) if nonneg else spec
+
+
+class _PlanBuilder:
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.plan = QuantPlan()
+        self.by_tensor: dict[str, list[QuantTarget]] = {}
+
+    def _new_key(self, base: str) -> str:
+        key, i = base, 1
+        while key in self.plan.targets:
+            key = f"{base}:{i}"
+            i += 1
+        return key
+
+    def _add(self, target: QuantTarget) -> QuantTarget:
+        self.plan.targets[target.key] = target
+        self.by_tensor.setdefault(target.tensor, []).append(target)
+        return target
+
+    def _activation_layout(self, spec: QuantizationSpec, value: ir.Value) -> QLayout:
+        rank = _rank(value)
+        if rank is None:
+            if spec.granularity.to_dict()["type"] != "per_tensor":
+                raise ConfigError(f"tensor '{value.name}' has unknown rank; use per_tensor granularity for it")
+            return QLayout()
+        return resolve_layout(spec.granularity, rank, what=f"activation '{value.name}'")
+
+    def state(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec, kind: str) -> None:
+        info = OP_TABLE[node.op_type]
+        ch, bl = info.weight_axes(node) if kind == "weight" else (None, None)
+        rank = len(value.const_value.shape)  # type: ignore[union-attr]
+        layout = resolve_layout(spec.granularity, rank, channel_axis=ch, block_axis=bl,
+                                what=f"{kind} '{value.name}' of node '{node.name}'")
+        for t in self.by_tensor.get(value.name or "", []):
+            if t.spec == spec and t.layout == layout:
+                t.ops.append(node.name)
+                return
+        self._add(QuantTarget(self._new_key(value.name or node.name), value.name or "", spec, layout,
+                              kind, uses=None, ops=[node.name]))  # type: ignore[arg-type]
+
+    def output(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec) -> None:
+        if any(t.uses is None for t in self.by_tensor.get(value.name or "", [])):
+            return
+        layout = self._activation_layout(spec, value)
+        self._add(QuantTarget(self._new_key(value.name or ""), value.name or "", spec, layout, "activation",
+                              uses=None, ops=[node.name]))
+
+    def input(self, node: ir.Node, index: int, value: ir.Value, spec: QuantizationSpec) -> None:
+        existing = self.by_tensor.get(value.name or "", [])
+        for t in existing:
+            if t.uses is None and t.kind == "activation" and t.spec.dtype == spec.dtype:
+                t.ops.append(node.name)
+                return
+        layout = self._activation_layout(spec, value)
+        for t in existing:
+            if t.uses is not None and t.spec == spec and t.layout == layout:
+                t.uses.append((node.name, index))
+                t.ops.append(node.name)
+                return
+        self._add(QuantTarget(self._new_key(value.name or ""), value.name or "", spec, layout, "activation",
+                              uses=[(node.name, index)], ops=[node.name]))
+
+    def passthrough(self, node: ir.Node) -> None:
+        data = node.inputs[0] if node.inputs else None
+        if data is None:
+            return
+        src = next((t for t in self.by_tensor.get(data.name or "", []) if t.uses is None), None)
+        if src is None or not src.layout.per_tensor:
+            return
+        for out in node.outputs:
+            if not out.uses() and not out.is_graph_output():
+                continue
+            if any(t.uses is None for t in self.by_tensor.get(out.name or "", [])):
+                continue
+            self._add(QuantTarget(self._new_key(out.name or ""), out.name or "", src.spec, src.layout, "activation",
+                                  uses=None, shared_with=src.key, ops=[node.name]))
+
+
+def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
+    """Compute the QuantPlan for ``model`` under ``config`` (one walk over the nodes)."""
+    graph = model.graph
+    resolver = _ConfigResolver(config, graph)
+    configs: dict[int, ModuleQuantizerConfig | None] = {}
+    for node in graph:
+        cfg, explicit = resolver.resolve(node)
+        supported = node.op_type in OP_TABLE or node.op_type in PASSTHROUGH_OPS or node.op_type in ACTIVATION_OPS
+        if explicit and cfg is not None and not supported and node.name in resolver.by_name:
+            raise ConfigError(
+                f"node '{node.name}' is a {node.op_type}, which qdq does not quantize; supported op types: "
+                f"{', '.join(sorted(OP_TABLE))} (pass-through: {', '.join(sorted(PASSTHROUGH_OPS))})"
+            )
+        configs[id(node)] = cfg
+
+    # Fusion: compute op -> (MatMul bias Add) -> activation, quantized once at the end.
+    fused_out: dict[int, tuple[ir.Value, ir.Node | None]] = {}
+    absorbed: set[int] = set()
+    for node in graph:
+        if node.op_type not in OP_TABLE or configs[id(node)] is None or len(node.outputs) != 1:
+            continue
+        out, act = node.outputs[0], None
+        nxt = _single_consumer(out)
+        if (node.op_type == "MatMul" and nxt is not None and nxt.op_type == "Add"
+                and node.inputs[1] is not None and _is_constant(node.inputs[1])
+                and any(v is not None and v is not out and _is_constant(v) for v in nxt.inputs)):
+            absorbed.add(id(nxt))
+            out = nxt.outputs[0]
+            nxt = _single_consumer(out)
+        if nxt is not None and nxt.op_type in ACTIVATION_OPS and configs[id(nxt)] is not None:
+            absorbed.add(id(nxt))
+            act, out = nxt, nxt.outputs[0]
+        if out is not node.outputs[0]:
+            fused_out[id(node)] = (out, act)
+
+    builder = _PlanBuilder(graph)
+    for node in graph:
+        cfg = configs[id(node)]
+        if cfg is None or id(node) in absorbed:
+            continue
+        if node.op_type in PASSTHROUGH_OPS:
+            builder.passthrough(node)
+            continue
+        info = OP_TABLE.get(node.op_type)
+        if info is None:
+            continue
+        state_idx = {i: k for k, i in info.state.items()}
+        for i, value in enumerate(node.inputs):
+            if value is None:
+                continue
+            if i in state_idx and _is_constant(value):
+                key = state_idx[i]
+                alias = next((a for a, j in info.state_aliases.items() if j == i), None)
+                spec = cfg.spec_for("state", key, i)
+                if alias is not None and cfg.op_state_spec and alias in cfg.op_state_spec:
+                    spec = cfg.op_state_spec[alias]
+                if spec is not None:
+                    builder.state(node, value, spec, "weight" if key == "weight" else "constant")
+                continue
+            if state_idx.get(i) == "bias":
+                continue  # a computed bias stays float
+            if info.data_inputs is not None and i not in info.data_inputs:
+                continue
+            spec = cfg.spec_for("input", port_name(node, i), i)
+            if spec is None:
+                continue
+            if _is_constant(value):
+                builder.state(node, value, spec, "constant")
+            else:
+                builder.input(node, i, value, spec)
+        out, act = fused_out.get(id(node), (node.outputs[0], None))
+        spec = cfg.spec_for("output", port_name(node, 0, output=True), 0)
+        if spec is not None:
+            builder.output(node, out, _after_activation(spec, act))
+    return builder.plan
+
+
+def _single_consumer(value: ir.Value) -> ir.Node | None:
+    if value.is_graph_output():
+        return None
+    users = {id(u.node): u.node for u in value.uses()}
+    return next(iter(users.values())) if len(users) == 1 else None
+
+
+class AnnotatePass(ir.passes.InPlacePass):
+    """Pass form of :func:`annotate`: stores the plan in ``model.meta['qdq.plan']``; the graph is unchanged."""
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.meta["qdq.plan"] = annotate(model, self.config)
+        return ir.passes.PassResult(model, modified=False)
