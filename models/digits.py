@@ -55,7 +55,6 @@ class DigitsCNN(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.conv3 = nn.Conv2d(channels, 2 * channels, 3, padding=1)
         self.relu3 = nn.ReLU()
-        self.gap = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +63,7 @@ class DigitsCNN(nn.Module):
         x = self.relu2(self.bn2(self.conv2(x)) + x)  # residual Add
         x = self.pool(x)
         x = self.relu3(self.conv3(x))
-        x = self.gap(x).flatten(1)
+        x = x.mean(dim=(2, 3))  # global average pool (exports as one ReduceMean)
         return self.fc(x)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +19,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qdq.errors import ModelError
+from qdq.model_io import EXTERNAL_DATA_THRESHOLD, save
 
 __all__ = ["export", "fold_batchnorm_into_conv", "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
-#: Models whose initializers exceed this many bytes are saved with external data (protobuf limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 BATCH_DIM_NAME = "batch"
 
 
@@ -124,33 +121,6 @@ def _remove_initializer_inputs(graph: ir.Graph) -> None:
             graph.inputs.remove(value)
 
 
-def _initializer_bytes(model: ir.Model) -> int:
-    """Total size of all initializers in bytes."""
-    total = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None:
-            total += value.const_value.nbytes
-    return total
-
-
-def _save_atomic(model: ir.Model, path: Path) -> None:
-    """Save into a temp dir next to ``path`` then os.replace into place; no partial file on failure."""
-    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp_model = tmp_dir / path.name
-        if external:
-            logger.info("model initializers exceed %d bytes: saving weights to %s", EXTERNAL_DATA_THRESHOLD, data_name)
-            ir.save(model, tmp_model, external_data=data_name)
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-        else:
-            ir.save(model, tmp_model)
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
 def export(
     model: Any,
     args: tuple,
@@ -214,10 +184,7 @@ def export(
     if remaining:
         logger.warning("%d BatchNormalization nodes could not be folded into a preceding Conv", remaining)
     _remove_initializer_inputs(ir_model.graph)
-    try:
-        _save_atomic(ir_model, path)
-    except Exception as exc:
-        raise ModelError(f"could not write {path}: {_one_line(exc)}") from exc
+    save(ir_model, path)
     logger.info("exported %s to %s (opset %s)", type(model).__name__, path, ir_model.opset_imports.get("", "?"))
     return path
 

@@ -90,6 +90,14 @@ class _ConfigResolver:
         return self.config.global_config, False
 
 
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def _is_float(value: ir.Value) -> bool:
+    """Only float tensors are quantized (index math in int64 stays as is); unknown type counts as float."""
+    return value.dtype is None or value.dtype in _FLOAT_TYPES
+
+
 def _is_constant(value: ir.Value) -> bool:
     return value.const_value is not None
 
@@ -176,7 +184,7 @@ class _PlanBuilder:
 
     def passthrough(self, node: ir.Node) -> None:
         data = node.inputs[0] if node.inputs else None
-        if data is None:
+        if data is None or not _is_float(data):
             return
         src = next((t for t in self.by_tensor.get(data.name or "", []) if t.uses is None), None)
         if src is None or not src.layout.per_tensor:
@@ -238,7 +246,7 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
             continue
         state_idx = {i: k for k, i in info.state.items()}
         for i, value in enumerate(node.inputs):
-            if value is None:
+            if value is None or not _is_float(value):
                 continue
             if i in state_idx and _is_constant(value):
                 key = state_idx[i]
@@ -262,7 +270,7 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
                 builder.input(node, i, value, spec)
         out, act = fused_out.get(id(node), (node.outputs[0], None))
         spec = cfg.spec_for("output", port_name(node, 0, output=True), 0)
-        if spec is not None:
+        if spec is not None and _is_float(out):
             builder.output(node, out, _after_activation(spec, act))
     return builder.plan
 

@@ -1,0 +1,1 @@
+"""Graph helpers shared by passes: opset handling and QDQ node queries."""

@@ -1,0 +1,251 @@
+"""Quantizer: the coreai_opt-style driver (prepare -> calibration_mode -> finalize) for ONNX models.
+
+``Quantizer(model, config)`` annotates once (the plan is fixed for its lifetime), computes weight
+qparams with their calculators at ``prepare``, streams activation statistics through onnxruntime
+inside ``calibration_mode()``, and runs the fake-quantized QDQ model in onnxruntime outside it.
+``finalize(backend)`` returns the QDQ model legalized for a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qdq.backends import ExportBackend, check_capabilities
+from qdq.calibration.base import QParamsCalculatorBase
+from qdq.calibration.runner import CalibrationRunner, as_feeds, make_session
+from qdq.config import QuantizerConfig
+from qdq.errors import ConfigError, DataError, ModelError
+from qdq.model_io import load_model
+from qdq.passes.annotate import annotate
+from qdq.passes.insert_qdq import insert_qdq
+from qdq.plan import QuantPlan, QuantTarget
+from qdq.progress import progress_bar
+from qdq.qparams import QParams
+
+__all__ = ["Quantizer", "PreparedModel", "as_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def as_config(config: Any) -> QuantizerConfig:
+    """A QuantizerConfig from a config object, a mapping, a YAML path or a preset name."""
+    if config is None:
+        return QuantizerConfig()
+    if isinstance(config, QuantizerConfig):
+        return config
+    if isinstance(config, Mapping):
+        return QuantizerConfig.from_dict(config)
+    if isinstance(config, str):
+        from qdq.presets import PRESETS, preset
+
+        if config in PRESETS:
+            return preset(config)
+        return QuantizerConfig.from_yaml(config)
+    if type(config).__name__ == "QuantizerConfig":  # a coreai_opt config object
+        return QuantizerConfig(global_config=config.global_config,
+                               op_type_configs=getattr(config, "module_type_configs", None),
+                               op_name_configs=getattr(config, "module_name_configs", None))
+    raise ConfigError(f"expected a QuantizerConfig, mapping, YAML path or preset name, got {type(config).__name__}")
+
+
+def _check_float_model(model: ir.Model) -> None:
+    graph = model.graph
+    if not graph.inputs:
+        raise ModelError("the model has no inputs; export it with example inputs (qdq export)")
+    for node in graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            raise ModelError(
+                f"the model is already quantized (node '{node.name}' is a {node.op_type}); "
+                "pass the float model, or load a qdq-prepared model with Quantizer.from_qdq"
+            )
+
+
+class Quantizer:
+    """Quantize an ONNX model (path, ``onnx.ModelProto`` or ``onnx_ir.Model``) per ``config``.
+
+    The input model is never modified. Typical use::
+
+        q = Quantizer("model.onnx", QuantizerConfig())
+        prepared = q.prepare(example)
+        with q.calibration_mode():
+            for batch in batches:
+                prepared(batch)
+        final = q.finalize(backend=ExportBackend.ONNXRuntime)
+    """
+
+    def __init__(self, model: Any, config: Any = None) -> None:
+        base = load_model(model)
+        self.float_model: ir.Model = base.clone() if base is model else base
+        _check_float_model(self.float_model)
+        self.config = as_config(config)
+        self.plan: QuantPlan = annotate(self.float_model, self.config)
+        self.input_names = [v.name or "" for v in self.float_model.graph.inputs]
+        self.output_names = [v.name or "" for v in self.float_model.graph.outputs]
+        self._calculators: dict[str, QParamsCalculatorBase] = {}
+        self._qparams: dict[str, QParams] = {}
+        self._seeded_only = False
+        self._runner: CalibrationRunner | None = None
+        self._calibrating = False
+        self._qdq_cache: ir.Model | None = None
+        self._session: Any = None
+        self.prepared: PreparedModel | None = None
+        logger.info("plan: %s", self.plan.summary())
+
+    # ------------------------------------------------------------------ info
+    @property
+    def targets(self) -> dict[str, QuantTarget]:
+        """Every planned QDQ pair, keyed by target key."""
+        return self.plan.targets
+
+    @property
+    def qparams(self) -> dict[str, QParams]:
+        """Current scale/zero-point of every target (shared targets resolve to their root's)."""
+        self._refresh_qparams()
+        return {k: self._qparams[self.plan.root(k)] for k in self.plan.targets if self.plan.root(k) in self._qparams}
+
+    # ------------------------------------------------------------------ prepare / calibrate
+    def prepare(self, example_inputs: Any = None) -> PreparedModel:
+        """Quantize the weights and, with ``example_inputs``, seed every activation range.
+
+        Seeded ranges make the prepared model runnable at once; the first calibration batch
+        discards them, so calibration results do not depend on the example.
+        """
+        for key, t in self.plan.targets.items():
+            if t.shared_with is not None:
+                continue
+            calc = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=t.kind == "weight")
+            if t.kind != "activation":
+                value = self.float_model.graph.initializers.get(t.tensor)
+                tensor = value.const_value if value is not None else self._constant(t.tensor)
+                calc.observe(np.asarray(tensor.numpy(), np.float32))
+            self._calculators[key] = calc
+        self._runner = None
+        if example_inputs is not None:
+            self._observe(example_inputs)
+            self._seeded_only = True
+        self._qdq_cache = None
+        self.prepared = PreparedModel(self)
+        return self.prepared
+
+    def _constant(self, name: str) -> ir.TensorProtocol:
+        for node in self.float_model.graph:
+            for out in node.outputs:
+                if out.name == name and out.const_value is not None:
+                    return out.const_value
+        raise ModelError(f"constant '{name}' has no value")
+
+    def _require_prepared(self) -> None:
+        if not self._calculators and self.plan.targets:
+            raise ModelError("call quantizer.prepare(example_inputs) first")
+
+    def _activation_calculators(self) -> dict[str, list[QParamsCalculatorBase]]:
+        by_tensor: dict[str, list[QParamsCalculatorBase]] = {}
+        for key, t in self.plan.targets.items():
+            if t.observed:
+                by_tensor.setdefault(t.tensor, []).append(self._calculators[key])
+        return by_tensor
+
+    def _observe(self, batch: Any) -> list[np.ndarray]:
+        if self._runner is None:
+            self._runner = CalibrationRunner(self.float_model, self._activation_calculators(), outputs=True)
+        outs = self._runner.observe(batch)
+        self._qdq_cache = None
+        self._session = None
+        return outs
+
+    @contextlib.contextmanager
+    def calibration_mode(self) -> Iterator[Quantizer]:
+        """Within the block, the prepared model runs in float and feeds the activation calculators."""
+        self._require_prepared()
+        if self._seeded_only:
+            self._reset_activation_calculators()
+        self._calibrating = True
+        try:
+            yield self
+        finally:
+            self._calibrating = False
+
+    def _reset_activation_calculators(self) -> None:
+        for key, t in self.plan.targets.items():
+            if t.observed:
+                self._calculators[key] = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=False)
+        self._runner = None
+        self._seeded_only = False
+
+    def calibrate(self, batches: Iterable[Any], *, total: int | None = None, progress: bool = True) -> int:
+        """Run every batch through calibration; returns the number of batches seen."""
+        if not self._calculators:
+            self.prepare()
+        n = 0
+        with self.calibration_mode():
+            for batch in progress_bar(batches, total=total, desc="calibrating", disable=not progress, unit="batch"):
+                self._observe(batch)
+                n += 1
+        if n == 0:
+            raise DataError("calibration data is empty: pass at least one batch")
+        return n
+
+    def _refresh_qparams(self) -> None:
+        for key, calc in self._calculators.items():
+            if calc.has_data:
+                self._qparams[key] = calc.qparams()
+
+    # ------------------------------------------------------------------ models
+    def qdq_model(self) -> ir.Model:
+        """The float model with every QDQ pair inserted, at the current qparams (a new model)."""
+        self._require_prepared()
+        if self._qdq_cache is None:
+            self._refresh_qparams()
+            missing = [k for k, t in self.plan.targets.items() if t.shared_with is None and k not in self._qparams]
+            if missing:
+                raise DataError(
+                    f"{len(missing)} activation ranges are not calibrated (e.g. '{missing[0]}'): pass example "
+                    "inputs to prepare() or run batches inside calibration_mode()"
+                )
+            model = self.float_model.clone()
+            insert_qdq(model, self.plan, self._qparams)
+            self._qdq_cache = model
+        return self._qdq_cache.clone()
+
+    def run(self, batch: Any) -> list[np.ndarray]:
+        """Run the fake-quantized model in onnxruntime (float compute on dequantized values)."""
+        if self._session is None:
+            self._session = make_session(self.qdq_model(), level="basic")
+        feeds = as_feeds(batch, self.input_names)
+        return self._session.run(None, feeds)
+
+    def finalize(self, backend: Any = ExportBackend.ONNXRuntime) -> ir.Model:
+        """The QDQ model legalized for ``backend`` (a new ``onnx_ir.Model``; save with ``qdq.save``)."""
+        backend = ExportBackend.parse(backend)
+        check_capabilities(self.plan, backend)
+        model = self.qdq_model()
+        from qdq.backends.pipelines import finalize_passes
+
+        for p in finalize_passes(backend):
+            p(model)
+        return model
+
+
+class PreparedModel:
+    """Callable returned by :meth:`Quantizer.prepare`: float + observers inside ``calibration_mode()``,
+    fake-quantized onnxruntime run outside it. Returns one array for single-output models."""
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        self.quantizer = quantizer
+
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
+        q = self.quantizer
+        batch: Any = named if named else (inputs[0] if len(inputs) == 1 else inputs)
+        outs = q._observe(batch) if q._calibrating else q.run(batch)
+        return outs[0] if len(outs) == 1 else outs
+
+    @property
+    def model(self) -> ir.Model:
+        """The prepared QDQ graph at the current qparams."""
+        return self.quantizer.qdq_model()
