@@ -56,6 +56,14 @@ class QDType(enum.Enum):
     def ir_dtype(self) -> ir.DataType:
         return _IR[self]
 
+    @classmethod
+    def from_ir(cls, dtype: ir.DataType) -> QDType:
+        """The QDType stored as ``dtype`` (KeyError if none, e.g. int32)."""
+        for member, ir_type in _IR.items():
+            if ir_type == dtype:
+                return member
+        raise KeyError(dtype)
+
     @property
     def min_opset(self) -> int:
         """Lowest ai.onnx opset whose QuantizeLinear/DequantizeLinear accept this dtype."""

@@ -28,7 +28,7 @@ from qdq.plan import QuantPlan, QuantTarget
 from qdq.progress import progress_bar
 from qdq.qparams import QParams
 
-__all__ = ["Quantizer", "PreparedModel", "as_config"]
+__all__ = ["Quantizer", "PreparedModel", "as_config", "finalize_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +222,23 @@ class Quantizer:
 
     def finalize(self, backend: Any = ExportBackend.ONNXRuntime) -> ir.Model:
         """The QDQ model legalized for ``backend`` (a new ``onnx_ir.Model``; save with ``qdq.save``)."""
-        backend = ExportBackend.parse(backend)
-        check_capabilities(self.plan, backend)
-        model = self.qdq_model()
-        from qdq.backends.pipelines import finalize_passes
+        return finalize_model(self.qdq_model(), backend)
 
-        for p in finalize_passes(backend):
-            p(model)
-        return model
+
+def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime) -> ir.Model:
+    """Legalize any prepared QDQ model (qdq's own, or exported by the torch mirror) for ``backend``.
+
+    Returns a new model; the input is not modified.
+    """
+    from qdq.backends.pipelines import finalize_passes
+
+    backend = ExportBackend.parse(backend)
+    base = load_model(model)
+    model = base.clone()
+    check_capabilities(model, backend)
+    for p in finalize_passes(backend):
+        p(model)
+    return model
 
 
 class PreparedModel:

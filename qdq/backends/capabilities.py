@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterator
 from typing import Any
+
+import onnx_ir as ir
 
 from qdq.dtypes import QDType
 from qdq.errors import BackendError, ConfigError
-from qdq.plan import QuantPlan
 
 __all__ = ["ExportBackend", "BackendCapabilities", "CAPABILITIES", "check_capabilities"]
 
@@ -65,25 +67,40 @@ CAPABILITIES: dict[ExportBackend, BackendCapabilities] = {
 }
 
 
-def _granularity(target: Any) -> str:
-    if target.layout.axis is None:
-        return "per_tensor"
-    return "per_channel" if target.layout.block_size is None else "per_block"
+def _q_nodes(model: ir.Model) -> Iterator[tuple[str, str, QDType, str]]:
+    """(tensor, role, dtype, granularity) of every QuantizeLinear / weight DequantizeLinear in ``model``."""
+    for node in model.graph:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if node.op_type == "DequantizeLinear" and (src is None or src.const_value is None):
+            continue  # activation DQ: its Q is checked
+        zp = node.inputs[2] if len(node.inputs) > 2 else None
+        ir_dtype = zp.dtype if zp is not None else (src.dtype if node.op_type == "DequantizeLinear" else None)
+        try:
+            dtype = QDType.from_ir(ir_dtype) if ir_dtype is not None else QDType.UINT8
+        except KeyError:
+            continue  # int32 bias and other non-quantization DQs
+        kind = node.metadata_props.get("qdq.kind")
+        weight = kind in ("weight", "constant") if kind else (src is not None and src.const_value is not None)
+        scale = node.inputs[1]
+        rank = len(scale.shape) if scale is not None and scale.shape is not None else 0
+        gran = "per_block" if node.attributes.get_int("block_size", 0) else ("per_channel" if rank else "per_tensor")
+        name = node.metadata_props.get("qdq.tensor") or (src.name if src is not None else node.name) or ""
+        yield name, "weight" if weight else "activation", dtype, gran
 
 
-def check_capabilities(plan: QuantPlan, backend: ExportBackend) -> None:
-    """Raise BackendError naming every tensor ``backend`` cannot run as planned."""
+def check_capabilities(model: ir.Model, backend: ExportBackend) -> None:
+    """Raise BackendError naming every quantized tensor of ``model`` that ``backend`` cannot run."""
     caps = CAPABILITIES[backend]
     problems: dict[str, list[str]] = {}
-    for t in plan.targets.values():
-        is_weight = t.kind != "activation"
-        dtypes = caps.weight_dtypes if is_weight else caps.activation_dtypes
-        grans = caps.weight_granularity if is_weight else caps.activation_granularity
-        role = "weight" if is_weight else "activation"
-        if t.spec.dtype not in dtypes:
-            problems.setdefault(f"{t.spec.dtype} {role}s", []).append(t.tensor)
-        elif _granularity(t) not in grans:
-            problems.setdefault(f"{_granularity(t)} {role}s", []).append(t.tensor)
+    for tensor, role, dtype, gran in _q_nodes(model):
+        dtypes = caps.weight_dtypes if role == "weight" else caps.activation_dtypes
+        grans = caps.weight_granularity if role == "weight" else caps.activation_granularity
+        if dtype not in dtypes:
+            problems.setdefault(f"{dtype} {role}s", []).append(tensor)
+        elif gran not in grans:
+            problems.setdefault(f"{gran} {role}s", []).append(tensor)
     if problems:
         parts = []
         for what, tensors in problems.items():
