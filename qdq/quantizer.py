@@ -214,9 +214,9 @@ class Quantizer:
         return self._qdq_cache.clone()
 
     def run(self, batch: Any) -> list[np.ndarray]:
-        """Run the fake-quantized model in onnxruntime (float compute on dequantized values)."""
+        """Run the fake-quantized model in onnxruntime: float compute on dequantized values, no graph rewrites."""
         if self._session is None:
-            self._session = make_session(self.qdq_model(), level="basic")
+            self._session = make_session(self.qdq_model(), level="none")  # exact reference semantics: no QDQ rewrites
         feeds = as_feeds(batch, self.input_names)
         return self._session.run(None, feeds)
 

@@ -37,6 +37,12 @@ def zero_point_array(qp: QParams, dtype: QDType) -> np.ndarray:
     return zp.astype(np.int64).astype(dtype.np_dtype)
 
 
+def _initializer(name: str, array: np.ndarray) -> ir.Value:
+    """A constant Value with its type and shape set (onnx_ir does not infer them from const_value)."""
+    tensor = ir.tensor(array, name=name)
+    return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+
+
 def _qdq_attributes(target: QuantTarget) -> list[ir.Attr]:
     attrs: list[ir.Attr] = []
     if target.layout.axis is not None:
@@ -73,10 +79,8 @@ class _Inserter:
             if qp is None:
                 raise KeyError(f"no qparams for target '{root}'")
             spec = self.plan.targets[root].spec
-            scale = ir.Value(name=f"{root}_scale",
-                             const_value=ir.tensor(np.asarray(qp.scale, np.float32), name=f"{root}_scale"))
-            zp_name = f"{root}_zero_point"
-            zp = ir.Value(name=zp_name, const_value=ir.tensor(zero_point_array(qp, spec.dtype), name=zp_name))
+            scale = _initializer(f"{root}_scale", np.asarray(qp.scale, np.float32))
+            zp = _initializer(f"{root}_zero_point", zero_point_array(qp, spec.dtype))
             self.graph.register_initializer(scale)
             self.graph.register_initializer(zp)
             self.params[root] = (scale, zp)

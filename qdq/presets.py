@@ -1,0 +1,56 @@
+"""Named configs for the CLI's ``--preset`` and ``qdq.quantize(config="int8")``.
+
+| preset               | weights                                   | activations                           |
+|----------------------|-------------------------------------------|---------------------------------------|
+| `int8` (default)     | int8 per-channel symmetric, `static`      | int8 per-tensor, `moving_average`     |
+| `int8-global-minmax` | int8 per-channel symmetric, `static`      | int8 per-tensor, `global_minmax`      |
+| `fp8`                | float8_e4m3fn per-channel, `static`       | float8_e4m3fn per-tensor, `global_minmax` |
+| `w8`                 | int8 per-channel symmetric, `static`      | float (weight-only)                   |
+| `w4`                 | int4 per-block (block 32), `static`       | float (weight-only)                   |
+
+Activations after Relu/Relu6/Sigmoid are asymmetric (coreai_opt's known-range rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qdq.config import ModuleQuantizerConfig, QuantizerConfig
+from qdq.errors import ConfigError
+from qdq.spec import PerBlockGranularity, PerChannelGranularity, QuantizationSpec
+
+__all__ = ["PRESETS", "preset"]
+
+
+def _w8a8(calculator: str) -> QuantizerConfig:
+    act = QuantizationSpec(dtype="int8", qparam_calculator_cls=calculator)
+    return QuantizerConfig(global_config=ModuleQuantizerConfig(op_input_spec={"*": act}, op_output_spec={"*": act}))
+
+
+def _fp8() -> QuantizerConfig:
+    weight = QuantizationSpec(dtype="float8_e4m3fn", granularity=PerChannelGranularity())
+    act = QuantizationSpec(dtype="float8_e4m3fn", qparam_calculator_cls="global_minmax")
+    return QuantizerConfig(global_config=ModuleQuantizerConfig(
+        op_state_spec={"weight": weight}, op_input_spec={"*": act}, op_output_spec={"*": act}))
+
+
+def _weight_only(weight: QuantizationSpec) -> QuantizerConfig:
+    return QuantizerConfig(global_config=ModuleQuantizerConfig(
+        op_state_spec={"weight": weight}, op_input_spec=None, op_output_spec=None))
+
+
+PRESETS: dict[str, Callable[[], QuantizerConfig]] = {
+    "int8": QuantizerConfig,
+    "int8-global-minmax": lambda: _w8a8("global_minmax"),
+    "fp8": _fp8,
+    "w8": lambda: _weight_only(QuantizationSpec(dtype="int8", granularity=PerChannelGranularity())),
+    "w4": lambda: _weight_only(QuantizationSpec(dtype="int4", granularity=PerBlockGranularity(block_size=32))),
+}
+
+
+def preset(name: str) -> QuantizerConfig:
+    """The config of a named preset."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None

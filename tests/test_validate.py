@@ -1,0 +1,211 @@
+"""qdq.validate: output and per-layer SQNR, top-1 agreement and accuracy vs numpy, on tiny QDQ models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qdq.data import open_data
+from qdq.errors import DataError, ModelError
+from qdq.validate import (
+    compare,
+    find_quantized_activations,
+    input_shapes,
+    run_model,
+    sqnr_db,
+)
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(4, 3)).astype(np.float32)
+SX, SM, SW = np.float32(0.05), np.float32(0.1), np.float32(0.02)
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], batch: int | str = "N") -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def fp32_model(batch: int | str = "N") -> onnx.ModelProto:
+    """y = Relu(x @ W)."""
+    return _model([helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+                   helper.make_node("Relu", ["m"], ["y"], name="relu")],
+                  [numpy_helper.from_array(W, "W")], batch)
+
+
+def _qdq(x: str, scale: str, zp: str, name: str) -> list[onnx.NodeProto]:
+    return [helper.make_node("QuantizeLinear", [x, scale, zp], [f"{x}_q"], name=name),
+            helper.make_node("DequantizeLinear", [f"{x}_q", scale, zp], [f"{x}_dq"], name=f"{name}_dq")]
+
+
+def quant_model(batch: int | str = "N") -> onnx.ModelProto:
+    """The FP32 model with int8 Q/DQ on input x, activation m and (as a constant, not a layer) weight W."""
+    inits = [numpy_helper.from_array(W, "W")]
+    for n, s in (("sx", SX), ("sm", SM), ("sw", SW)):
+        inits += [numpy_helper.from_array(np.array(s, np.float32), n),
+                  numpy_helper.from_array(np.array(0, np.int8), n.replace("s", "z"))]
+    nodes = [*_qdq("x", "sx", "zx", "q_x"), *_qdq("W", "sw", "zw", "q_W"),
+             helper.make_node("MatMul", ["x_dq", "W_dq"], ["m"], name="mm"),
+             *_qdq("m", "sm", "zm", "q_m"),
+             helper.make_node("Relu", ["m_dq"], ["y"], name="relu")]
+    return _model(nodes, inits, batch)
+
+
+def fq(x: np.ndarray, s: np.float32) -> np.ndarray:
+    """int8 fake quantization, round half to even like QuantizeLinear."""
+    return (np.clip(np.round(x / s), -128, 127) * s).astype(np.float32)
+
+
+def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+    m = x @ W
+    mq = fq(fq(x, SX) @ fq(W, SW), SM)
+    return {"m": m, "y": np.maximum(m, 0), "mq": mq, "yq": np.maximum(mq, 0)}
+
+
+def manual_sqnr(ref: np.ndarray, test: np.ndarray) -> float:
+    r, t = ref.astype(np.float64), test.astype(np.float64)
+    return 10 * math.log10(np.sum(r**2) / np.sum((r - t) ** 2))
+
+
+@pytest.fixture()
+def xs() -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(37, 4)).astype(np.float32)
+
+
+@pytest.fixture()
+def npy(tmp_path: Path, xs: np.ndarray) -> Path:
+    np.save(tmp_path / "x.npy", xs)
+    return tmp_path / "x.npy"
+
+
+def test_sqnr_db() -> None:
+    a = np.array([3.0, 4.0])
+    assert sqnr_db(a, a) == math.inf
+    assert sqnr_db(a, a + np.array([0.3, 0.4])) == pytest.approx(20.0)
+    assert sqnr_db(np.zeros(2), np.ones(2)) == -math.inf
+
+
+def test_output_metrics_match_numpy(npy: Path, xs: np.ndarray, tmp_path: Path) -> None:
+    onnx.save(fp32_model(), tmp_path / "fp.onnx")
+    src = open_data(npy, ["x"])
+    labels = np.random.default_rng(2).integers(0, 3, size=len(xs))
+    report = compare(tmp_path / "fp.onnx", quant_model(), src, labels=labels, batch_size=8, progress=False,
+                     optimization="disabled")
+    want = reference(xs)
+    (out,) = report.outputs
+    assert report.num_samples == 37 and out.name == "y"
+    assert out.sqnr_db == pytest.approx(manual_sqnr(want["y"], want["yq"]), abs=1e-3)
+    assert out.max_abs_diff == pytest.approx(np.abs(want["y"] - want["yq"]).max(), abs=1e-5)
+    top_r, top_q = want["y"].argmax(-1), want["yq"].argmax(-1)
+    assert out.top1_agreement == pytest.approx(np.mean(top_r == top_q))
+    assert out.fp32_accuracy == pytest.approx(np.mean(top_r == labels))
+    assert out.quant_accuracy == pytest.approx(np.mean(top_q == labels))
+    assert report.layers == []
+    text = report.format()
+    assert "SQNR dB" in text and "FP32 acc" in text and f"{100 * out.quant_accuracy:.2f} %" in text
+
+
+def test_per_layer_finds_activations_and_matches_numpy(npy: Path, xs: np.ndarray) -> None:
+    found = find_quantized_activations(quant_model())
+    assert [(a.reference, a.quantized, a.node) for a in found] == [("x", "x_dq", "q_x"), ("m", "m_dq", "q_m")]
+    report = compare(fp32_model(), quant_model(), open_data(npy, ["x"]), per_layer=True, batch_size=10,
+                     progress=False)
+    assert report.optimization == "disabled"
+    want = reference(xs)
+    by_name = {m.name: m for m in report.layers}
+    assert set(by_name) == {"x", "m"}
+    assert by_name["x"].sqnr_db == pytest.approx(manual_sqnr(xs, fq(xs, SX)), abs=1e-6)
+    assert by_name["m"].sqnr_db == pytest.approx(manual_sqnr(want["m"], want["mq"]), abs=1e-3)
+    assert [m.sqnr_db for m in report.layers] == sorted(m.sqnr_db for m in report.layers)  # worst first
+    assert "per-layer SQNR, worst first (2 quantized activations)" in report.format()
+
+
+def test_identical_models_are_lossless(xs: np.ndarray) -> None:
+    model = ir.serde.deserialize_model(fp32_model())  # an onnx_ir.Model works too
+    batches = [{"x": xs[:20]}, {"x": xs[20:]}]
+    report = compare(model, fp32_model(), batches, per_layer=True, progress=False)
+    (out,) = report.outputs
+    assert out.sqnr_db == math.inf and out.top1_agreement == 1.0 and out.max_abs_diff == 0.0
+    assert out.fp32_accuracy is None and report.layers == []
+    d = report.to_dict()
+    assert d["outputs"][0]["sqnr_db"] == "inf" and d["num_samples"] == 37
+    json.dumps(d, allow_nan=False)
+    assert "inf" in report.format()
+
+
+def test_fixed_batch_model_is_fed_its_batch_size(npy: Path, xs: np.ndarray) -> None:
+    report = compare(fp32_model(batch=1), quant_model(batch=1), open_data(npy, ["x"]), batch_size=16, progress=False,
+                     optimization="disabled")
+    want = reference(xs)
+    assert report.num_samples == 37
+    assert report.outputs[0].sqnr_db == pytest.approx(manual_sqnr(want["y"], want["yq"]), abs=1e-3)
+    with pytest.raises(DataError, match="fixed batch size of 1 but the batch at sample 0 has 5 samples"):
+        compare(fp32_model(batch=1), quant_model(batch=1), [{"x": xs[:5]}], progress=False)
+
+
+def test_quantized_tensor_missing_from_fp32_is_skipped(xs: np.ndarray) -> None:
+    fp = fp32_model()
+    for node in fp.graph.node:  # rename m -> m_renamed in the FP32 model only
+        node.output[:] = ["m_renamed" if o == "m" else o for o in node.output]
+        node.input[:] = ["m_renamed" if i == "m" else i for i in node.input]
+    report = compare(fp, quant_model(), [{"x": xs}], per_layer=True, progress=False)
+    assert [m.name for m in report.layers] == ["x"] and report.skipped_layers == ["m"]
+    assert "not in the FP32 model, skipped: m" in report.format()
+
+
+def test_labels_length_mismatch(npy: Path) -> None:
+    with pytest.raises(DataError, match="5 labels but 37 samples"):
+        compare(fp32_model(), quant_model(), open_data(npy, ["x"]), labels=np.zeros(5, int), progress=False)
+    # labels for the whole file are fine when num_samples takes the first N
+    report = compare(fp32_model(), quant_model(), open_data(npy, ["x"], num_samples=10),
+                     labels=np.zeros(37, int), progress=False)
+    assert report.num_samples == 10 and report.outputs[0].fp32_accuracy is not None
+
+
+def test_input_name_mismatches(xs: np.ndarray, npy: Path, tmp_path: Path) -> None:
+    other = fp32_model()
+    other.graph.input[0].name = "z"
+    other.graph.node[0].input[0] = "z"
+    with pytest.raises(DataError, match=r"FP32 model inputs \(x\) differ from the quantized model inputs \(z\)"):
+        compare(fp32_model(), other, [{"x": xs}], progress=False)
+    with pytest.raises(DataError, match=r"data has inputs \(input\) but the model expects \(x\)"):
+        compare(fp32_model(), quant_model(), [{"input": xs}], progress=False)
+    np.savez(tmp_path / "d.npz", a=xs)
+    with pytest.raises(DataError, match=r"opened for inputs \(a\) but the model inputs are \(x\)"):
+        compare(fp32_model(), quant_model(), open_data(tmp_path / "d.npz", ["a"]), progress=False)
+    with pytest.raises(DataError, match="evaluation data is empty"):
+        compare(fp32_model(), quant_model(), [], progress=False)
+    with pytest.raises(DataError, match=r"onnxruntime failed on the batch at sample 0 \(x\(2, 5\)\)"):
+        compare(fp32_model(), quant_model(), [{"x": np.zeros((2, 5), np.float32)}], progress=False)
+
+
+def test_model_errors(tmp_path: Path, xs: np.ndarray) -> None:
+    with pytest.raises(ModelError, match="FP32 model not found"):
+        compare(tmp_path / "missing.onnx", quant_model(), [{"x": xs}], progress=False)
+    (tmp_path / "bad.onnx").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="onnxruntime cannot load the quantized model"):
+        compare(fp32_model(), tmp_path / "bad.onnx", [{"x": xs}], progress=False)
+
+
+def test_external_data_path_with_per_layer(tmp_path: Path, xs: np.ndarray) -> None:
+    onnx.save(quant_model(), tmp_path / "q.onnx", save_as_external_data=True, location="q.data", size_threshold=0)
+    report = compare(fp32_model(), tmp_path / "q.onnx", [{"x": xs}], per_layer=True, progress=False)
+    assert {m.name for m in report.layers} == {"x", "m"}
+
+
+def test_run_model_and_input_shapes(xs: np.ndarray) -> None:
+    # "disabled" keeps the Q/DQ float emulation; "all" runs int8 kernels that may round differently
+    outs = list(run_model(quant_model(), [{"x": xs[:3]}, {"x": xs[3:]}], optimization="disabled"))
+    np.testing.assert_allclose(np.concatenate([o["y"] for o in outs]), reference(xs)["yq"], atol=1e-5)
+    assert input_shapes(fp32_model()) == {"x": ("N", 4)}
+    assert input_shapes(fp32_model(batch=1)) == {"x": (1, 4)}
