@@ -102,11 +102,13 @@ def _config(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def _open(args: argparse.Namespace, path: str, input_names: list[str]) -> Any:
+def _open(args: argparse.Namespace, path: str, model: Any, role: str = "calibration") -> Any:
     from qdq.data import open_data
+    from qdq.validate import input_shapes
 
-    return open_data(path, input_names, image_size=args.image_size, mean=args.mean, std=args.std,
-                     num_samples=args.num_samples)
+    names = [v.name or "" for v in model.graph.inputs]
+    return open_data(path, names, image_size=args.image_size, mean=args.mean, std=args.std,
+                     num_samples=args.num_samples, input_shapes=input_shapes(model), role=role)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -121,7 +123,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     quantizer = Quantizer(args.model, _config(args))
     quantizer.prepare()
     if any(t.observed for t in quantizer.targets.values()):
-        data = _open(args, args.calib_data, quantizer.input_names)
+        data = _open(args, args.calib_data, quantizer.float_model)
         total = -(-len(data) // args.batch_size)
         quantizer.calibrate(data.batches(args.batch_size), total=total, progress=not args.quiet)
     final = quantizer.finalize(args.backend)
@@ -137,15 +139,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from qdq.data import labels_from_file
+    from qdq.data import image_labels, labels_from_file
     from qdq.model_io import load_model
     from qdq.validate import compare
 
     fp32 = load_model(args.fp32_model)
-    data = _open(args, args.data, [v.name or "" for v in fp32.graph.inputs])
-    labels = labels_from_file(args.labels) if args.labels else None
-    if labels is not None:
-        labels = np.asarray(labels)[: len(data)]
+    data = _open(args, args.data, fp32, role="evaluation")
+    if args.labels:
+        labels = np.asarray(labels_from_file(args.labels))[: len(data)]
+    else:  # image folders named "<label>_..." carry their labels
+        labels = image_labels(args.data, args.num_samples) if Path(args.data).is_dir() else None
     report = compare(args.fp32_model, args.quant_model, data, labels=labels, per_layer=args.per_layer,
                      batch_size=args.batch_size, progress=not args.quiet)
     print(report.format())

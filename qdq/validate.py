@@ -357,7 +357,10 @@ def find_quantized_activations(model: onnx.ModelProto) -> list[QuantizedActivati
             continue
         dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
         if dq is not None:
-            found.append(QuantizedActivation(node.input[0], dq.output[0], node.name or f"QuantizeLinear_{i}"))
+            # qdq records the FP32 tensor name (a quantized graph output's float tensor is renamed).
+            meta = {p.key: p.value for p in node.metadata_props}
+            reference = meta.get("qdq.tensor", node.input[0])
+            found.append(QuantizedActivation(reference, dq.output[0], node.name or f"QuantizeLinear_{i}"))
     return found
 
 

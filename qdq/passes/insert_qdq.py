@@ -2,7 +2,7 @@
 
 Naming contract (the torch mirror, finalize passes and reports rely on it), for target ``key``:
 Q node ``{key}_Q``, DQ node ``{key}_DQ``, scale ``{key}_scale``, zero point ``{key}_zero_point``;
-the Q node carries ``metadata_props`` ``qdq.target`` (key), ``qdq.tensor`` (float tensor name),
+the Q node carries ``metadata_props`` ``qdq.target`` (key), ``qdq.tensor`` (the tensor's name in the float model),
 ``qdq.kind`` (weight / constant / activation) and ``qdq.spec`` (JSON of the spec). Targets that
 share qparams (pass-through ops) reuse the root's scale/zero-point initializers: one Value,
 so the sharing survives any later edit. Weights stay float initializers feeding Q -> DQ
@@ -123,7 +123,6 @@ class _Inserter:
                 value.name = f"{name}_float"
                 dq_out.name = name
                 self.values[value.name] = value
-                q.metadata_props["qdq.tensor"] = value.name
         else:
             for node_name, idx in target.uses:
                 self.nodes[node_name].replace_input_with(idx, dq_out)

@@ -1,0 +1,101 @@
+"""Placement: which tensors get QDQ pairs, with which spec, and the rules that must not fire."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from qdq import ConfigError, ModuleQuantizerConfig, QuantizationSpec, QuantizerConfig
+from qdq.dtypes import QDType
+from qdq.passes.annotate import annotate
+from qdq.spec import QScheme
+
+
+def _plan(path, config=None):
+    return annotate(ir.load(path), config or QuantizerConfig())
+
+
+def test_digits_default_placement(digits_onnx) -> None:
+    plan = _plan(digits_onnx)
+    t = plan.targets
+    weights = {k for k, v in t.items() if v.kind == "weight"}
+    assert weights == {"conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"}
+    assert all(t[w].layout.axis == 0 for w in weights)  # Conv: out channels; Gemm transB=1: rows
+    # Conv -> Relu is fused: the pair sits after the Relu and is asymmetric (known range).
+    assert t["relu"].spec.qscheme is QScheme.ASYMMETRIC and "getitem" not in t
+    # MaxPool passes qparams through instead of re-quantizing.
+    assert t["max_pool2d"].shared_with == "relu_1"
+    # The graph input is quantized for its consumer; logits (Gemm output) symmetric.
+    assert t["x"].uses is not None and t["linear"].spec.qscheme is QScheme.SYMMETRIC
+    # Biases stay float by default (finalize turns them into int32 for ORT).
+    assert not any("bias" in k for k in t)
+
+
+def test_int64_index_math_is_never_quantized(attention_onnx) -> None:
+    model = ir.load(attention_onnx)
+    plan = annotate(model, QuantizerConfig())
+    values = {v.name: v for n in model.graph for v in n.outputs} | {v.name: v for v in model.graph.inputs}
+    values |= dict(model.graph.initializers)
+    for target in plan.targets.values():
+        assert values[target.tensor].dtype == ir.DataType.FLOAT
+
+
+def test_attention_matmul_weights_and_shared_inputs(attention_onnx) -> None:
+    plan = _plan(attention_onnx)
+    t = plan.targets
+    # x feeds three projections and the residual Add: one pair for all of them.
+    assert sorted(n for n, _ in t["x"].uses) == ["node_MatMul_1", "node_MatMul_3", "node_MatMul_5", "node_add_36"]
+    weights = [v for v in t.values() if v.kind == "weight"]
+    assert len(weights) == 4 and all(w.layout.axis == 1 for w in weights)  # MatMul B is [in, out]
+    assert t["transpose"].shared_with == "linear_1"
+
+
+def test_op_type_none_and_precedence(digits_onnx) -> None:
+    cfg = QuantizerConfig(
+        op_type_configs={"Gemm": None, "Conv": ModuleQuantizerConfig(
+            op_state_spec={"weight": QuantizationSpec(dtype="int4", granularity={"type": "per_channel"})})},
+        op_name_configs={"node_Conv_35": ModuleQuantizerConfig(
+            op_state_spec={"weight": QuantizationSpec(dtype="uint8", granularity={"type": "per_channel"})})},
+    )
+    t = _plan(digits_onnx, cfg).targets
+    assert "fc.weight" not in t and "linear" not in t
+    assert t["conv1.weight"].spec.dtype is QDType.UINT8  # op name beats op type
+    assert t["conv2.weight"].spec.dtype is QDType.INT4
+
+
+def test_regex_op_names(digits_onnx) -> None:
+    cfg = QuantizerConfig(op_name_configs={"node_Conv_.*": None})
+    t = _plan(digits_onnx, cfg).targets
+    assert "conv1.weight" not in t and "conv2.weight" not in t and "conv3.weight" in t
+
+
+def test_unknown_op_name_lists_close_matches(digits_onnx) -> None:
+    with pytest.raises(ConfigError, match="close matches: .*node_Conv_35") as info:
+        _plan(digits_onnx, QuantizerConfig(op_name_configs={"node_Conv_53": None}))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_op_type_lists_model_types(digits_onnx) -> None:
+    with pytest.raises(ConfigError, match="close matches: Conv"):
+        _plan(digits_onnx, QuantizerConfig(op_type_configs={"Convv": None}))
+
+
+def test_torch_type_aliases(digits_onnx) -> None:
+    t = _plan(digits_onnx, QuantizerConfig(op_type_configs={"conv2d": None})).targets
+    assert not any(k.startswith("conv") and k.endswith("weight") for k in t)
+
+
+def test_conflicting_dtypes_get_separate_pairs(digits_onnx) -> None:
+    fp8 = QuantizationSpec(dtype="float8_e4m3fn")
+    cfg = QuantizerConfig(op_name_configs={"node_max_pool2d": None, "node_conv2d_2": ModuleQuantizerConfig(
+        op_input_spec={"*": fp8}, op_output_spec={"*": fp8})})
+    t = _plan(digits_onnx, cfg).targets
+    consumer = [v for v in t.values() if v.tensor == "max_pool2d" and v.spec.dtype is QDType.FLOAT8_E4M3FN]
+    assert len(consumer) == 1 and consumer[0].uses == [("node_conv2d_2", 0)]
+
+
+def test_same_dtype_consumer_reuses_producer_pair(digits_onnx) -> None:
+    # conv2 reads relu (asymmetric from its producer); its own symmetric input spec collapses into that pair.
+    t = _plan(digits_onnx).targets
+    assert [v.key for v in t.values() if v.tensor == "relu"] == ["relu"]
+    assert len(t["relu"].ops) >= 2  # the producer and its consumers share one pair

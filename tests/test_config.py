@@ -1,0 +1,121 @@
+"""Config objects: coreai_opt semantics, YAML round trip, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from qdq import (
+    ConfigError,
+    ModuleQuantizerConfig,
+    PerBlockGranularity,
+    PerChannelGranularity,
+    QParamsCalculatorBase,
+    QuantizationSpec,
+    QuantizerConfig,
+)
+from qdq.calibration.base import RangeCalculatorBase
+from qdq.dtypes import QDType
+from qdq.presets import PRESETS, preset
+from qdq.spec import QScheme
+
+YAML = """
+global_config:
+  op_state_spec:
+    weight: {dtype: int8, granularity: {type: per_channel, axis: 0}}
+  op_input_spec:
+    "*": {dtype: int8, qparam_calculator_cls: global_minmax}
+  op_output_spec:
+    "*": {dtype: int8, qparam_calculator_cls: moving_average, calculator_kwargs: {averaging_constant: 0.05}}
+op_type_configs:
+  Gemm: null
+  Conv:
+    op_state_spec:
+      weight: {dtype: int4, granularity: {type: per_block, axis: 1, block_size: 16}}
+op_name_configs:
+  node_conv2d_2: null
+"""
+
+
+def test_yaml_round_trip() -> None:
+    cfg = QuantizerConfig.from_yaml(YAML)
+    assert cfg.op_type_configs["Gemm"] is None
+    conv = cfg.op_type_configs["Conv"]
+    assert conv.op_state_spec["weight"].dtype is QDType.INT4
+    assert conv.op_state_spec["weight"].granularity == PerBlockGranularity(axis=1, block_size=16)
+    assert cfg.global_config.op_output_spec["*"].calculator_kwargs == {"averaging_constant": 0.05}
+    again = QuantizerConfig.from_yaml(cfg.to_yaml())
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_specs_are_frozen_and_validated() -> None:
+    spec = QuantizationSpec(dtype="uint8", qscheme="asymmetric", granularity={"type": "per_channel", "axis": 1})
+    assert spec.granularity == PerChannelGranularity(axis=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.dtype = QDType.INT8  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="symmetric"):
+        QuantizationSpec(dtype="float8_e4m3fn", qscheme="asymmetric")
+    with pytest.raises(ConfigError, match="granularity"):
+        QuantizationSpec(granularity={"type": "per_row"})
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"global_cfg": {}}, "valid keys"),
+    ({"module_type_configs": {}}, "op_type_configs"),
+    ({"global_config": {"op_weight_spec": {}}}, "valid keys"),
+    ({"global_config": {"op_state_spec": {"weight": {"dtype": "int3"}}}}, "int3"),
+])
+def test_unknown_keys_are_one_line_errors(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        QuantizerConfig.from_dict(data)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_calculator_names_close_matches() -> None:
+    with pytest.raises(ConfigError, match="global_minmax"):
+        QParamsCalculatorBase.check_name("global_minmx")
+
+
+def test_user_calculator_is_usable_by_name() -> None:
+    @QParamsCalculatorBase.register("test_fixed_range")
+    class Fixed(RangeCalculatorBase):
+        def observe(self, x):  # type: ignore[no-untyped-def]
+            import numpy as np
+
+            self.min_val, self.max_val = np.float32(-1), np.float32(1)
+            self.num_batches += 1
+
+    cfg = QuantizerConfig.from_dict({"global_config": {"op_input_spec": {"*": {"qparam_calculator_cls": "test_fixed_range"}}}})
+    assert cfg.global_config.op_input_spec["*"].qparam_calculator_cls == "test_fixed_range"
+    with pytest.raises(ConfigError, match="already registered"):
+        @QParamsCalculatorBase.register("test_fixed_range")
+        class Other(RangeCalculatorBase):
+            def observe(self, x):  # type: ignore[no-untyped-def]
+                pass
+
+
+def test_none_disables_ports() -> None:
+    cfg = ModuleQuantizerConfig(op_input_spec=None, op_output_spec={"*": None})
+    assert cfg.spec_for("input", "X", 0) is None
+    assert cfg.spec_for("output", "Y", 0) is None
+    assert cfg.spec_for("state", "weight", 1) is not None
+
+
+def test_presets() -> None:
+    assert set(PRESETS) == {"int8", "int8-global-minmax", "fp8", "w8", "w4"}
+    assert preset("fp8").global_config.op_input_spec["*"].dtype is QDType.FLOAT8_E4M3FN
+    assert preset("w4").global_config.op_input_spec is None
+    assert preset("int8").global_config.op_input_spec["*"].qscheme is QScheme.SYMMETRIC
+    with pytest.raises(ConfigError, match="int8-global-minmax"):
+        preset("int9")
+
+
+def test_coreai_opt_objects_mean_the_same() -> None:
+    cao = pytest.importorskip("coreai_opt.quantization")
+    from coreai_opt.quantization.spec import QuantizationSpec as CaoSpec
+
+    spec = CaoSpec(dtype="int8", qscheme="asymmetric")
+    theirs = cao.QuantizerConfig(global_config=cao.ModuleQuantizerConfig(op_input_spec={"*": spec}))
+    ours = QuantizerConfig(global_config=theirs.global_config)
+    assert ours.global_config.op_input_spec["*"].qscheme is QScheme.ASYMMETRIC
