@@ -147,9 +147,9 @@ class _PlanBuilder:
             return QLayout()
         return resolve_layout(spec.granularity, rank, what=f"activation '{value.name}'")
 
-    def state(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec, kind: str) -> None:
+    def state(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec, kind: str, port: str | None = None) -> None:
         info = OP_TABLE[node.op_type]
-        ch, bl = info.weight_axes(node) if kind == "weight" else (None, None)
+        ch, bl = info.weight_axes(node) if kind == "weight" else ((0, 0) if port == "bias" else (None, None))
         rank = len(value.const_value.shape)  # type: ignore[union-attr]
         layout = resolve_layout(spec.granularity, rank, channel_axis=ch, block_axis=bl,
                                 what=f"{kind} '{value.name}' of node '{node.name}'")
@@ -255,7 +255,7 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
                 if alias is not None and cfg.op_state_spec and alias in cfg.op_state_spec:
                     spec = cfg.op_state_spec[alias]
                 if spec is not None:
-                    builder.state(node, value, spec, "weight" if key == "weight" else "constant")
+                    builder.state(node, value, spec, "weight" if key == "weight" else "constant", key)
                 continue
             if state_idx.get(i) == "bias":
                 continue  # a computed bias stays float

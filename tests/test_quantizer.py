@@ -1,0 +1,181 @@
+"""Quantizer end to end: prepare → calibration_mode → fake-quant run → finalize, and its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qdq
+from qdq import DataError, ModelError, ModuleQuantizerConfig, QuantizationSpec, Quantizer, QuantizerConfig
+from qdq import numerics
+from qdq.presets import preset
+
+
+def _calibrated(path, x, config=None, batch=64):
+    q = Quantizer(path, config)
+    prepared = q.prepare(x[:8])
+    with q.calibration_mode():
+        for i in range(0, len(x), batch):
+            prepared(x[i:i + batch])
+    return q, prepared
+
+
+def test_digits_w8a8_accuracy_close_to_fp32(digits_onnx, digits_data) -> None:
+    x_tr, _, x_te, y_te = digits_data
+    ref = qdq.load_model(digits_onnx)
+    from qdq.calibration.runner import make_session
+
+    fp32 = make_session(ref).run(None, {"x": x_te})[0]
+    q, prepared = _calibrated(digits_onnx, x_tr[:512])
+    out = prepared(x_te)
+    acc_fp32, acc_q = (fp32.argmax(1) == y_te).mean(), (out.argmax(1) == y_te).mean()
+    assert acc_q >= acc_fp32 - 0.01
+    assert (out.argmax(1) == fp32.argmax(1)).mean() >= 0.98
+
+
+def test_one_pair_per_target_and_shared_qparams(digits_onnx, digits_data) -> None:
+    q, _ = _calibrated(digits_onnx, digits_data[0][:128])
+    model = q.qdq_model()
+    qs = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert len(qs) == len(q.targets)
+    by_key = {n.metadata_props["qdq.target"]: n for n in qs}
+    shared = by_key["max_pool2d"]
+    assert shared.inputs[1] is by_key["relu_1"].inputs[1]  # the same scale Value, not a copy
+    assert shared.metadata_props["qdq.shared_with"] == "relu_1"
+
+
+def test_fake_quant_run_matches_reference_numerics(mlp_onnx) -> None:
+    """The prepared model's output equals a numpy re-implementation built from the reference numerics."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    q, prepared = _calibrated(mlp_onnx, x)
+    qp = q.qparams
+    t = q.targets
+    init = q.float_model.graph.initializers
+
+    def fq(v, key):
+        return numerics.fake_quantize(v, qp[key].scale, qp[key].zero_point, t[key].spec.dtype, t[key].layout)
+
+    w1, b1 = init["fc1.weight"].const_value.numpy(), init["fc1.bias"].const_value.numpy()
+    w2, b2 = init["fc2.weight"].const_value.numpy(), init["fc2.bias"].const_value.numpy()
+    h = fq(np.maximum(fq(x, "x") @ fq(w1, "fc1.weight").T + b1, 0), "relu")
+    y = fq(h @ fq(w2, "fc2.weight").T + b2, "linear_1")
+    np.testing.assert_allclose(prepared(x), y, rtol=1e-5, atol=1e-5 * float(qp["linear_1"].scale))
+
+
+@pytest.mark.parametrize("spec", [
+    {"dtype": "int8"},
+    {"dtype": "int8", "qscheme": "symmetric_with_clipping"},
+    {"dtype": "uint8", "qscheme": "asymmetric"},
+    {"dtype": "int4", "granularity": {"type": "per_block", "block_size": 8}},
+])
+def test_weight_qparams_equal_coreai_opt(mlp_onnx, spec: dict) -> None:
+    torch = pytest.importorskip("torch")
+    cao = pytest.importorskip("coreai_opt.quantization")
+    from coreai_opt.quantization import spec as cao_spec
+
+    from models.tiny import factory_mlp
+
+    gran = spec.get("granularity", {"type": "per_channel"})
+    ours = QuantizationSpec(**{**spec, "granularity": gran})
+    theirs_gran = (cao_spec.PerBlockGranularity(block_size=gran["block_size"]) if gran["type"] == "per_block"
+                   else cao_spec.PerChannelGranularity())
+    theirs = cao_spec.QuantizationSpec(dtype=getattr(torch, spec["dtype"]), qscheme=spec.get("qscheme", "symmetric"),
+                                       granularity=theirs_gran)
+    model, example = factory_mlp()
+    cq = cao.Quantizer(model, cao.QuantizerConfig(global_config=cao.ModuleQuantizerConfig(
+        op_state_spec={"weight": theirs}, op_input_spec=None, op_output_spec=None)))
+    prepared = cq.prepare(example)
+    with cq.calibration_mode():
+        prepared(example[0])
+    ref = {m.tensor_fqn: m.qparams_calculator for _, m in prepared.named_modules() if hasattr(m, "qparams_calculator")}
+
+    q = Quantizer(mlp_onnx, QuantizerConfig(global_config=ModuleQuantizerConfig(
+        op_state_spec={"weight": ours}, op_input_spec=None, op_output_spec=None)))
+    q.prepare()
+    for name in ("fc1.weight", "fc2.weight"):
+        got = q.qparams[name]
+        want_scale = ref[name].scale.detach().numpy().reshape(got.scale.shape)
+        want_zp = ref[name].zero_point.detach().numpy().reshape(got.zero_point.shape)
+        np.testing.assert_allclose(got.scale, want_scale, rtol=1e-6)
+        np.testing.assert_array_equal(got.zero_point, want_zp)
+
+
+def test_example_inputs_seed_then_calibration_replaces(digits_onnx, digits_data) -> None:
+    x = digits_data[0]
+    q = Quantizer(digits_onnx, preset("int8-global-minmax"))
+    prepared = q.prepare(x[:1] * 50)  # a wild example: huge ranges
+    seeded = q.qparams["relu"].scale.copy()
+    prepared(x[:4])  # runnable right after prepare
+    with q.calibration_mode():
+        prepared(x[:64])
+    calibrated = q.qparams["relu"].scale
+    q2, _ = _calibrated(digits_onnx, x[:64], preset("int8-global-minmax"))
+    assert calibrated < seeded
+    np.testing.assert_array_equal(calibrated, q2.qparams["relu"].scale)
+
+
+def test_uncalibrated_model_gives_clear_error(digits_onnx, digits_data) -> None:
+    q = Quantizer(digits_onnx)
+    prepared = q.prepare()
+    with pytest.raises(DataError, match="calibration_mode"):
+        prepared(digits_data[0][:2])
+
+
+def test_nan_in_calibration_data_is_rejected(digits_onnx, digits_data) -> None:
+    q = Quantizer(digits_onnx)
+    prepared = q.prepare()
+    x = digits_data[0][:4].copy()
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        with q.calibration_mode():
+            prepared(x)
+
+
+def test_input_model_is_never_modified(digits_onnx, digits_data) -> None:
+    model = qdq.load_model(digits_onnx)
+    before = [n.op_type for n in model.graph]
+    q, _ = _calibrated(model, digits_data[0][:64])
+    q.finalize()
+    assert [n.op_type for n in model.graph] == before
+
+
+def test_already_quantized_model_is_rejected(digits_onnx, digits_data) -> None:
+    q, _ = _calibrated(digits_onnx, digits_data[0][:64])
+    with pytest.raises(ModelError, match="already quantized"):
+        Quantizer(q.qdq_model())
+
+
+def test_malformed_model_file(tmp_path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="not a readable ONNX model"):
+        Quantizer(bad)
+
+
+def test_opset_is_the_lowest_that_works(digits_onnx, digits_data) -> None:
+    x = digits_data[0][:64]
+    base = qdq.load_model(digits_onnx).opset_imports[""]
+    int8, _ = _calibrated(digits_onnx, x)
+    assert int8.qdq_model().opset_imports[""] == base  # exporter's opset already >= 13
+    w4 = Quantizer(digits_onnx, preset("w4"))
+    w4.prepare()
+    assert w4.qdq_model().opset_imports[""] == max(base, 21)
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-global-minmax", "fp8", "w8", "w4"])
+def test_presets_run_in_onnxruntime_after_finalize(name, digits_onnx, digits_data, tmp_path) -> None:
+    x_tr, _, x_te, y_te = digits_data
+    out = qdq.quantize(digits_onnx, name, [x_tr[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    path = qdq.save(out, tmp_path / f"{name}.onnx")
+    import onnx
+
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    from qdq.calibration.runner import make_session
+
+    logits = make_session(qdq.load_model(path)).run(None, {"x": x_te})[0]
+    assert (logits.argmax(1) == y_te).mean() > 0.9
+    if name != "int8-global-minmax":
+        fp32_size = digits_onnx.stat().st_size
+        assert path.stat().st_size < fp32_size  # weights stored as integers / float8
