@@ -99,9 +99,20 @@ class QParamsCalculatorBase(ABC):
         return cls._registry[name](spec, layout, **dict(spec.calculator_kwargs))
 
     # ------------------------------------------------------------------ interface
+    #: True when a batch may be fed in pieces (``observe_chunk`` ... ``end_batch``) with the same
+    #: result as one ``observe``; the runner then bounds memory by running micro-batches.
+    supports_chunks: ClassVar[bool] = False
+
     @abstractmethod
     def observe(self, x: np.ndarray) -> None:
         """Update running statistics with one batch of the tensor."""
+
+    def observe_chunk(self, x: np.ndarray) -> None:
+        """Feed part of a batch (only called when ``supports_chunks``)."""
+        raise NotImplementedError
+
+    def end_batch(self) -> None:
+        """Close a batch fed with ``observe_chunk``."""
 
     @abstractmethod
     def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
@@ -126,12 +137,50 @@ class QParamsCalculatorBase(ABC):
 
 
 class RangeCalculatorBase(QParamsCalculatorBase):
-    """Helper base for calculators that track a per-unit min/max (subclasses define ``update``)."""
+    """Base for calculators driven by each batch's per-unit min/max.
+
+    Subclasses implement ``update(lo, hi)`` (how a batch's range changes the running range);
+    a batch may arrive whole (``observe``) or in chunks whose ranges are merged exactly.
+    Subclasses that override ``observe`` directly still work, without chunking.
+    """
+
+    supports_chunks: ClassVar[bool] = True
 
     def __init__(self, spec: QuantizationSpec, layout: QLayout, **kwargs: Any) -> None:
         super().__init__(spec, layout, **kwargs)
         self.min_val: np.ndarray | None = None
         self.max_val: np.ndarray | None = None
+        self._batch: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "observe" in cls.__dict__ and "update" not in cls.__dict__:
+            cls.supports_chunks = False  # a user calculator with its own observe: feed whole batches
+
+    def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Fold one batch's range into the running range."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update(lo, hi) or observe(x)")
+
+    def observe(self, x: np.ndarray) -> None:
+        self.observe_chunk(x)
+        self.end_batch()
+
+    def observe_chunk(self, x: np.ndarray) -> None:
+        from qdq.layout import reduce_minmax
+
+        lo, hi = reduce_minmax(x, self.layout)
+        self._check_finite(np.stack([lo, hi]))  # NaN/Inf anywhere in x shows up in min or max
+        if self._batch is not None:
+            lo, hi = np.minimum(self._batch[0], lo), np.maximum(self._batch[1], hi)
+        self._batch = (lo, hi)
+
+    def end_batch(self) -> None:
+        if self._batch is None:
+            return
+        lo, hi = self._batch
+        self._batch = None
+        self.update(lo, hi)
+        self.num_batches += 1
 
     def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.min_val is not None and self.max_val is not None

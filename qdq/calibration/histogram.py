@@ -16,7 +16,6 @@ factor 2 of the best one for the range seen so far.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,10 +31,9 @@ from qdq.spec import QScheme, QuantizationSpec
 
 __all__ = ["PercentileCalculator", "EntropyCalculator", "MSECalculator"]
 
-logger = logging.getLogger(__name__)
-
 _CHUNK = 1 << 16  # elements binned at a time: temporaries stay in cache, observe() allocates ~0.8 MB
 _MIN_WIDTH = 1e-30  # bin width for an all-zero first batch (grown on the first non-zero batch)
+_KL_EPS = 1e-4  # Q count given to an empty bin that receives clipped outliers
 
 
 def _int_kwarg(owner: str, name: str, value: Any, lo: int, hi: int) -> int:
@@ -74,11 +72,11 @@ class _Histogram:
         n = flat.size
         fbuf = np.empty(min(n, _CHUNK), np.float32)
         ibuf = np.empty(fbuf.size, np.intp)
-        total = np.zeros(nb + 1, np.int64)
+        total = np.zeros(nb, np.int64)
         for i in range(0, n, _CHUNK):
             chunk = flat[i : i + _CHUNK]
             f, idx = fbuf[: chunk.size], ibuf[: chunk.size]
-            if absolute:  # start is 0: |x| >= 0 and the grid covers 0
+            if absolute:  # |x| >= 0 and the grid covers 0, so start == 0
                 np.abs(chunk, out=f)
                 np.multiply(f, inv_w, out=f)
             else:
@@ -87,10 +85,11 @@ class _Histogram:
                 np.subtract(f, start, out=f)
                 np.maximum(f, 0, out=f)  # float32 rounding can dip below the first edge by ~1e-4 bin
             idx[...] = f  # truncation == floor for f >= 0
-            # Values on (or rounded onto) the top edge land in slot nb: folded into the last bin below.
-            total += np.bincount(idx, minlength=nb + 1)[: nb + 1]
-        total[nb - 1] += total[nb]
-        self.counts += total[:nb]
+            counts = np.bincount(idx, minlength=nb)
+            total += counts[:nb]
+            if counts.size > nb:  # values on (or rounded onto) the top edge: into the last bin
+                total[-1] += counts[nb:].sum()
+        self.counts += total
 
     def _fit(self, lo: float, hi: float) -> None:
         """Grow the grid (merging bins by a power of two) or slide it so it covers [lo, hi] and 0."""
@@ -111,7 +110,7 @@ class _Histogram:
             f += 1
         if f == 0 and a >= self.start and b < self.start + nb:
             return
-        # |start + i| <= 2 * nb, so a shift by 62 already merges everything into one bin.
+        # |start + i| <= nb, so a shift by 62 already merges everything into one bin.
         new_idx = ((self.start + occupied) >> min(f, 62)) - a
         merged = np.zeros(nb, np.int64)
         np.add.at(merged, new_idx, self.counts[occupied])
@@ -156,7 +155,16 @@ class _HistogramCalculator(QParamsCalculatorBase):
         self.min_val = math.inf  # signed extremes of x, to clip a symmetric threshold to the data
         self.max_val = -math.inf
 
+    supports_chunks = True  # the histogram is additive: a batch in pieces counts the same
+
     def observe(self, x: np.ndarray) -> None:
+        self.observe_chunk(x)
+        self.end_batch()
+
+    def end_batch(self) -> None:
+        self.num_batches += 1
+
+    def observe_chunk(self, x: np.ndarray) -> None:
         x = np.asarray(x)
         if x.size == 0:
             return
@@ -170,7 +178,6 @@ class _HistogramCalculator(QParamsCalculatorBase):
             self.hist.add(x, 0.0, max(-mn, mx), absolute=True)
         else:
             self.hist.add(x, mn, mx, absolute=False)
-        self.num_batches += 1
 
     def _symmetric_range(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """[-t, t] clipped to the data (same scale: one side always reaches t since t <= max |x|)."""
@@ -211,13 +218,14 @@ def _kl_divergence(h: np.ndarray, a: np.ndarray, b: np.ndarray, nq: int) -> np.n
     P is ``h[a:b]`` with the counts left of ``a`` added to its first bin and those right of
     ``b`` to its last (clipping). Q is ``h[a:b]`` (without outliers) merged into ``nq`` chunks,
     chunk ``j`` holding bins ``idx - a`` with ``idx * nq // (b - a) == j``, each chunk's count
-    spread evenly over its non-empty bins. Vectorised with cumulative sums: O(len(a) * nq).
+    spread evenly over its non-empty bins. An empty edge bin that receives outliers gets
+    ``_KL_EPS`` counts in Q (the smoothing of MXNet / ONNX Runtime) instead of an infinite
+    divergence, so a clipped range may end where the data is sparse. Both distributions are
+    normalised by their own totals. Vectorised with cumulative sums: O(len(a) * nq).
     """
     h = h.astype(np.float64)
     c = np.concatenate([[0.0], np.cumsum(h)])
     nzc = np.concatenate([[0], np.cumsum(h > 0)])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hlogh = np.concatenate([[0.0], np.cumsum(np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0))])
     total = c[-1]
     length = b - a
     j = np.arange(nq + 1)
@@ -225,22 +233,21 @@ def _kl_divergence(h: np.ndarray, a: np.ndarray, b: np.ndarray, nq: int) -> np.n
     s = np.diff(c[edges], axis=1)
     nz = np.diff(nzc[edges], axis=1)
     left, right = c[a], total - c[b]
-    mass = s.copy()
-    mass[:, 0] += left
-    mass[:, -1] += right
     q_total = c[b] - c[a]
 
     def xlogx(v: np.ndarray) -> np.ndarray:
         return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_q = np.log(np.where(s > 0, s, 1.0) / np.maximum(nz, 1))
+    hlogh = np.concatenate([[0.0], np.cumsum(xlogx(h))])
+    log_q = np.log(np.where(s > 0, s, 1.0) / np.maximum(nz, 1))  # per-bin Q count of chunk j (unnormalised)
+    log_q_a = np.where(h[a] > 0, log_q[:, 0], math.log(_KL_EPS))
+    log_q_b = np.where(h[b - 1] > 0, log_q[:, -1], math.log(_KL_EPS))
+    # Unnormalised sums: sum(m log m) and sum(m log q) over P's counts m.
     p_log_p = hlogh[b - 1] - hlogh[a + 1] + xlogx(h[a] + left) + xlogx(h[b - 1] + right)
-    p_log_q = np.where(mass > 0, mass * log_q, 0.0).sum(axis=1)
+    p_log_q = (s * log_q).sum(axis=1) + left * log_q_a + right * log_q_b
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = (p_log_p - p_log_q) / total + np.log(q_total / total)
-    # Outliers piled on an empty edge bin: P > 0 where Q = 0.
-    kl[((h[a] == 0) & (left > 0)) | ((h[b - 1] == 0) & (right > 0)) | (q_total <= 0)] = np.inf
+    kl[q_total <= 0] = np.inf
     return kl
 
 
@@ -257,7 +264,10 @@ class EntropyCalculator(_HistogramCalculator):
     Symmetric specs search thresholds ``t`` (right edges of ``|x|`` bins, from ``nq`` bins up);
     asymmetric specs search windows ``[lo, hi]`` containing 0 by coordinate descent (hi, then lo,
     twice). As in NVIDIA's calibrators, the count of the bin starting at 0 is replaced by its
-    right neighbour's, so a spike of exact zeros (ReLU) does not push the range down.
+    right neighbour's, so a spike of exact zeros (ReLU) does not push the range down; and an
+    empty bin receiving clipped outliers gets a tiny Q count (MXNet / ONNX Runtime smoothing)
+    rather than an infinite divergence. Like TensorRT's, the result depends on ``num_bins``
+    (candidates start at ``nq`` bins) and tends to clip harder than ``mse``.
 
     kwargs: ``num_bins`` (default 2048), ``num_quantized_bins`` (default: the levels of one sign of
     the grid, 128 for int8 symmetric; all levels, 256, for 8-bit asymmetric). Integer dtypes only.

@@ -8,7 +8,7 @@ import numpy as np
 
 from qdq.calibration.base import QParamsCalculatorBase, RangeCalculatorBase
 from qdq.errors import ConfigError
-from qdq.layout import QLayout, reduce_minmax
+from qdq.layout import QLayout
 from qdq.spec import QuantizationSpec
 
 __all__ = ["StaticCalculator", "MovingAverageCalculator", "GlobalMinMaxCalculator"]
@@ -18,10 +18,8 @@ __all__ = ["StaticCalculator", "MovingAverageCalculator", "GlobalMinMaxCalculato
 class StaticCalculator(RangeCalculatorBase):
     """Range of the most recent tensor only (weights, which never change during calibration)."""
 
-    def observe(self, x: np.ndarray) -> None:
-        self._check_finite(x)
-        self.min_val, self.max_val = reduce_minmax(x, self.layout)
-        self.num_batches += 1
+    def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        self.min_val, self.max_val = lo, hi
 
 
 @QParamsCalculatorBase.register("moving_average")
@@ -34,28 +32,22 @@ class MovingAverageCalculator(RangeCalculatorBase):
             raise ConfigError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
         self.averaging_constant = np.float32(averaging_constant)
 
-    def observe(self, x: np.ndarray) -> None:
-        self._check_finite(x)
-        lo, hi = reduce_minmax(x, self.layout)
+    def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
         if self.min_val is None:
             self.min_val, self.max_val = lo, hi
         else:
             c = self.averaging_constant
             self.min_val = (c * lo + (np.float32(1) - c) * self.min_val).astype(np.float32)
             self.max_val = (c * hi + (np.float32(1) - c) * self.max_val).astype(np.float32)
-        self.num_batches += 1
 
 
 @QParamsCalculatorBase.register("global_minmax")
 class GlobalMinMaxCalculator(RangeCalculatorBase):
     """Running min and max over every calibration batch."""
 
-    def observe(self, x: np.ndarray) -> None:
-        self._check_finite(x)
-        lo, hi = reduce_minmax(x, self.layout)
+    def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
         if self.min_val is None:
             self.min_val, self.max_val = lo, hi
         else:
             self.min_val = np.minimum(self.min_val, lo)
             self.max_val = np.maximum(self.max_val, hi)
-        self.num_batches += 1
