@@ -152,6 +152,7 @@ class _HistogramCalculator(QParamsCalculatorBase):
         #: symmetric specs (and float8, always symmetric) only need |x|: twice the resolution of x
         self.symmetric = spec.dtype.is_float or spec.qscheme is not QScheme.ASYMMETRIC
         self.hist = _Histogram(self.num_bins)
+        self._seen_in_batch = False
         self.min_val = math.inf  # signed extremes of x, to clip a symmetric threshold to the data
         self.max_val = -math.inf
 
@@ -162,12 +163,15 @@ class _HistogramCalculator(QParamsCalculatorBase):
         self.end_batch()
 
     def end_batch(self) -> None:
-        self.num_batches += 1
+        if self._seen_in_batch:  # empty batches do not count
+            self.num_batches += 1
+        self._seen_in_batch = False
 
     def observe_chunk(self, x: np.ndarray) -> None:
         x = np.asarray(x)
         if x.size == 0:
             return
+        self._seen_in_batch = True
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float32)
         mn, mx = x.min(), x.max()  # NaN propagates through min/max, so this is the full finite check
