@@ -31,6 +31,21 @@ def test_digits_default_placement(digits_onnx) -> None:
     assert not any("bias" in k for k in t)
 
 
+def test_relu6_clip_output_is_asymmetric(model_dir) -> None:
+    """Clip(min=0, max=6) has a known non-negative range: asymmetric like Relu (a Clip min of 0.0 counts)."""
+    from torch import nn
+
+    from qdq.torch_export import export
+
+    import torch
+
+    path = export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6()).eval(), (torch.randn(2, 3, 8, 8),),
+                  model_dir / "relu6.onnx")
+    plan = _plan(path)
+    (act,) = [t for t in plan.targets.values() if t.kind == "activation" and t.uses is None]
+    assert act.spec.qscheme is QScheme.ASYMMETRIC
+
+
 def test_int64_index_math_is_never_quantized(attention_onnx) -> None:
     model = ir.load(attention_onnx)
     plan = annotate(model, QuantizerConfig())

@@ -16,7 +16,7 @@ import onnx
 
 from qdq.model_io import to_proto
 
-__all__ = ["optimized_model", "optimized_op_counts", "float_compute_nodes", "FLOAT_COMPUTE_OPS", "INTEGER_OPS"]
+__all__ = ["FLOAT_COMPUTE_OPS", "INTEGER_OPS", "float_compute_nodes", "optimized_model", "optimized_op_counts"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,19 @@
-"""The finalize pass list of each backend."""
+"""The finalize pass list of each backend.
+
+onnxruntime (CPU, ``ORT_ENABLE_ALL``), in order:
+
+1. :class:`Fp8ActivationsAsCastsPass` - float8 activation pairs as Div -> Cast -> Cast -> Mul (its QDQ
+   selectors would otherwise build a QLinearConv on float8, which fails to load).
+2. :class:`ActivationsToUint8Pass` - int8 activations -> uint8 (zp + 128): the U8S8 layout its x86
+   kernels fuse; no dequantized value changes.
+3. :class:`FoldWeightsPass` - weights stored as quantized initializers -> DequantizeLinear.
+4. :class:`QuantizeBiasPass` - constant bias of 8-bit Conv / Gemm -> int32 -> DequantizeLinear.
+5. :class:`FoldActivationClipPass` - Relu / Clip before a Q dropped or moved onto the integers,
+   so Conv meets its Q (exact).
+6. :class:`StripMetadataPass` - qdq metadata kept on activation Q nodes only; exporter debug info dropped.
+
+Core ML / Core AI: weight folding only (their converters read the integer weights).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +22,27 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from qdq.backends.capabilities import ExportBackend
+from qdq.passes.activations_to_uint8 import ActivationsToUint8Pass
+from qdq.passes.fold_activation_clip import FoldActivationClipPass
+from qdq.passes.fold_weights import FoldWeightsPass
+from qdq.passes.fp8_activations_as_casts import Fp8ActivationsAsCastsPass
+from qdq.passes.quantize_bias import QuantizeBiasPass
+from qdq.passes.strip_metadata import StripMetadataPass
 
 __all__ = ["finalize_passes"]
 
 
 def finalize_passes(backend: ExportBackend) -> list[Callable[[ir.Model], object]]:
     """Passes (callables on an ``onnx_ir.Model``, in place) that legalize a prepared QDQ model."""
+    if backend is ExportBackend.ONNXRuntime:
+        return [
+            Fp8ActivationsAsCastsPass(),
+            ActivationsToUint8Pass(),
+            FoldWeightsPass(),
+            QuantizeBiasPass(),
+            FoldActivationClipPass(),
+            StripMetadataPass(),
+        ]
+    if backend in (ExportBackend.CoreML, ExportBackend.CoreAI):
+        return [FoldWeightsPass()]
     return []

@@ -117,7 +117,8 @@ def _after_activation(spec: QuantizationSpec, act: ir.Node | None) -> Quantizati
     """coreai_opt's known-range rule: non-negative activations get an asymmetric integer grid."""
     if act is None or spec.dtype.is_float or spec.qscheme is QScheme.ASYMMETRIC:
         return spec
-    nonneg = act.op_type in _NONNEG_ACTS or (act.op_type == "Clip" and (_clip_min(act) or -1.0) >= 0.0)
+    clip_min = _clip_min(act) if act.op_type == "Clip" else None
+    nonneg = act.op_type in _NONNEG_ACTS or (clip_min is not None and clip_min >= 0.0)
     return spec.replace(qscheme=QScheme.ASYMMETRIC) if nonneg else spec
 
 

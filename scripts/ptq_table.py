@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""EfficientNet-Lite0 PTQ table on the shared ImageNet sample, for the README.
+
+Calibrates on the first 256 images (name order), evaluates on the other 244, for the presets
+int8 (moving_average), int8-global-minmax, fp8, w8 and w4; each finalized for onnxruntime.
+Columns: top-1, agreement with FP32, logits SQNR, file size, quantize time, onnxruntime speed
+vs FP32 at batch 32 (interleaved runs, median, 2 threads) and float Conv/Gemm left.
+
+    python scripts/ptq_table.py [--images DIR] [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import efficientnet as eff  # noqa: E402
+from qdq.backends.ort_inspect import float_compute_nodes  # noqa: E402
+from qdq.demo import ptq_rows  # noqa: E402
+from qdq.torch_export import export  # noqa: E402
+
+CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-global-minmax)": "int8-global-minmax",
+           "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4"}
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def speedups(fp32: Path, others: list[Path], x: np.ndarray, repeats: int = 7) -> list[float]:
+    """FP32 time / model time at the batch of ``x``: interleaved runs, medians."""
+    sessions = [_session(p) for p in [fp32, *others]]
+    name = sessions[0].get_inputs()[0].name
+    times: list[list[float]] = [[] for _ in sessions]
+    for s in sessions:  # warm up
+        s.run(None, {name: x})
+    for _ in range(repeats):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, {name: x})
+            times[i].append(time.perf_counter() - t0)
+    base = statistics.median(times[0])
+    return [base / statistics.median(t) for t in times[1:]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default=None, help="ImageNet sample folder (default ../shared/data/imagenet-sample)")
+    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    args = parser.parse_args()
+    if args.images:
+        import os
+
+        os.environ["QDQ_IMAGENET_SAMPLE"] = args.images
+    if eff.imagenet_sample_dir() is None:
+        print("ImageNet sample not found (../shared/data/imagenet-sample); nothing to do", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="qdq-ptq-") as tmp:
+        work = Path(tmp)
+        model, example = eff.factory()
+        fp32 = export(model, example, work / "efficientnet_lite0.onnx")
+        calib_x, _ = eff.load_imagenet_sample("calib")
+        eval_x, eval_y = eff.load_imagenet_sample("eval")
+        rows = ptq_rows(fp32, lambda: (calib_x[i:i + 32] for i in range(0, len(calib_x), 32)), eval_x, eval_y,
+                        configs=CONFIGS, out_dir=work, progress=False)
+        paths = sorted(work.glob("*-*.onnx"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+        speed = speedups(fp32, paths, eval_x[:32])
+        floats = [len([n for n in float_compute_nodes(p) if n[1] in ("Conv", "Gemm")]) for p in paths]
+    lines = [f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} ImageNet-sample images; "
+             f"{datetime.date.today()}, {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, "
+             "2 threads. Command: `python scripts/ptq_table.py`.", "",
+             "| config | top-1 % | agreement % | logits SQNR dB | file MB | quantize s | speed vs FP32 (b32) | float Conv/Gemm |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    r0 = rows[0]
+    lines.append(f"| FP32 | {r0.top1:.2f} | 100.00 | — | {r0.size_mb:.1f} | — | 1.00x | — |")
+    for r, s, f in zip(rows[1:], speed, floats):
+        lines.append(f"| {r.name} | {r.top1:.2f} | {r.agreement:.2f} | {r.sqnr_db:.1f} | {r.size_mb:.1f} | "
+                     f"{r.seconds:.1f} | {s:.2f}x | {f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
