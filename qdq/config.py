@@ -176,12 +176,16 @@ class QuantizerConfig:
             ``"linear"`` are accepted as aliases) -> config or ``None`` (leave float).
         op_name_configs: node name (exact, or a regular expression matched in full) -> config or ``None``.
         qat_schedule: optional QAT schedule mapping, read by :mod:`qdq.qat`.
+        bias_correction: after calibration, shift the float bias of each Conv/Gemm with a
+            quantized weight by ``(W - Wq) · E[x]`` (empirical bias correction, Nagel et al. 2019),
+            so weight rounding does not bias the layer's mean output. Needs calibration data.
     """
 
     global_config: Any = _UNSET
     op_type_configs: Any = None
     op_name_configs: Any = None
     qat_schedule: Any = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -207,9 +211,11 @@ class QuantizerConfig:
                 set_(self, "qat_schedule", self.qat_schedule.to_dict())
             else:
                 raise ConfigError("qat_schedule must be a mapping, e.g. {enable_fake_quant: 100}")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction must be true or false, got {self.bias_correction!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
-    _KEYS = ("global_config", "op_type_configs", "op_name_configs", "qat_schedule")
+    _KEYS = ("global_config", "op_type_configs", "op_name_configs", "qat_schedule", "bias_correction")
     _TORCH_ONLY = {"module_type_configs": "op_type_configs", "module_name_configs": "op_name_configs"}
 
     @classmethod
@@ -263,6 +269,8 @@ class QuantizerConfig:
                 out[name] = {k: (None if c is None else c.to_dict()) for k, c in value.items()}
         if self.qat_schedule is not None:
             out["qat_schedule"] = dict(self.qat_schedule)
+        if self.bias_correction:
+            out["bias_correction"] = True
         return out
 
     def to_yaml(self) -> str:

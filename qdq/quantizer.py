@@ -18,11 +18,13 @@ import onnx_ir as ir
 
 from qdq.backends import ExportBackend, check_capabilities
 from qdq.calibration.base import QParamsCalculatorBase
+from qdq.calibration.channel_mean import ChannelMean
 from qdq.calibration.runner import CalibrationRunner, as_feeds, make_session
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, DataError, ModelError
 from qdq.model_io import load_model
 from qdq.passes.annotate import annotate
+from qdq.passes.bias_correction import BiasCorrectionPass, bias_correction_sites
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.progress import progress_bar
@@ -88,6 +90,8 @@ class Quantizer:
         self.input_names = [v.name or "" for v in self.float_model.graph.inputs]
         self.output_names = [v.name or "" for v in self.float_model.graph.outputs]
         self._calculators: dict[str, QParamsCalculatorBase] = {}
+        self._means: dict[str, ChannelMean] = {}
+        self._bias_sites = bias_correction_sites(self.float_model, self.plan) if self.config.bias_correction else {}
         self._qparams: dict[str, QParams] = {}
         self._seeded_only = False
         self._runner: CalibrationRunner | None = None
@@ -144,11 +148,17 @@ class Quantizer:
         if not self._calculators and self.plan.targets:
             raise ModelError("call quantizer.prepare(example_inputs) first")
 
-    def _activation_calculators(self) -> dict[str, list[QParamsCalculatorBase]]:
-        by_tensor: dict[str, list[QParamsCalculatorBase]] = {}
+    def _activation_calculators(self) -> dict[str, list[Any]]:
+        by_tensor: dict[str, list[Any]] = {}
         for key, t in self.plan.targets.items():
             if t.observed:
                 by_tensor.setdefault(t.tensor, []).append(self._calculators[key])
+        if self.config.bias_correction:
+            if not self._means:
+                for _, tensor, axis in self._bias_sites.values():
+                    self._means.setdefault(tensor, ChannelMean(axis))
+            for tensor, mean in self._means.items():
+                by_tensor.setdefault(tensor, []).append(mean)
         return by_tensor
 
     def _observe(self, batch: Any) -> list[np.ndarray]:
@@ -176,6 +186,7 @@ class Quantizer:
             if t.observed:
                 self._calculators[key] = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=False)
         self._runner = None
+        self._means = {}
         self._seeded_only = False
 
     def calibrate(self, batches: Iterable[Any], *, total: int | None = None, progress: bool = True) -> int:
@@ -210,6 +221,12 @@ class Quantizer:
                 )
             model = self.float_model.clone()
             insert_qdq(model, self.plan, self._qparams)
+            if self._bias_sites:
+                means = {k: m.mean for k, m in self._means.items() if m.mean is not None}
+                if means:
+                    BiasCorrectionPass(self.plan, self._qparams, means, self._bias_sites)(model)
+                else:
+                    logger.warning("bias_correction is on but no calibration batch was seen; biases unchanged")
             self._qdq_cache = model
         return self._qdq_cache.clone()
 

@@ -179,3 +179,41 @@ def test_presets_run_in_onnxruntime_after_finalize(name, digits_onnx, digits_dat
     if name != "int8-global-minmax":
         fp32_size = digits_onnx.stat().st_size
         assert path.stat().st_size < fp32_size  # weights stored as integers / float8
+
+
+def test_bias_correction_reduces_error_and_is_exact_mean_shift(model_dir) -> None:
+    """A depthwise conv with few taps: weight rounding biases each channel's mean; correction removes it."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    from qdq.calibration.runner import make_session
+    from qdq.torch_export import export
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    path = export(net, (torch.randn(2, 8, 12, 12),), model_dir / "dw.onnx")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 8, 12, 12)) + 2.0).astype(np.float32)  # non-zero input means
+    ref = make_session(qdq.load_model(path), level="none")
+    fp = ref.run(None, {ref.get_inputs()[0].name: x})[0]
+    errs = {}
+    for on in (False, True):
+        cfg = dataclasses.replace(qdq.preset("w4"), bias_correction=on)
+        q = Quantizer(path, cfg)
+        q.prepare()
+        q.calibrate([x[:32], x[32:]], progress=False)
+        out = q.run(x)[0]
+        errs[on] = float(np.abs((out - fp).mean(axis=(0, 2, 3))).max())  # worst per-channel mean shift
+    assert errs[True] < 0.25 * errs[False], errs
+
+
+def test_bias_correction_config_round_trip() -> None:
+    cfg = QuantizerConfig.from_dict({"bias_correction": True})
+    assert cfg.bias_correction and QuantizerConfig.from_yaml(cfg.to_yaml()).bias_correction
+    assert not QuantizerConfig().bias_correction
+    with pytest.raises(qdq.ConfigError, match="true or false"):
+        QuantizerConfig(bias_correction="yes")
