@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.ERROR)
-    from qdq.errors import QdqError
+    from qdq.errors import QdqError, first_line
 
     try:
         return _COMMANDS[args.command](args)
@@ -228,8 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure still gets one line unless --debug
         if args.debug:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"qdq: error: internal error {type(exc).__name__}: {first} (rerun with --debug and report it)",
+        print(f"qdq: error: internal error {first_line(exc, with_type=True)} (rerun with --debug and report it)",
               file=sys.stderr)
         return 1
 

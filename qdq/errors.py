@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["QdqError", "ConfigError", "ModelError", "DataError", "BackendError"]
+__all__ = ["QdqError", "ConfigError", "ModelError", "DataError", "BackendError", "first_line"]
 
 
 class QdqError(Exception):
@@ -27,3 +27,12 @@ class DataError(QdqError):
 
 class BackendError(QdqError):
     """The quantized model uses something the chosen backend cannot run."""
+
+
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters), for one-line errors."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            text = f"{type(exc).__name__}: {line.strip()}" if with_type else line.strip()
+            return text[:300]
+    return type(exc).__name__

@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from qdq.errors import ModelError
+from qdq.errors import ModelError, first_line
 
 __all__ = ["load_model", "save", "to_proto", "EXTERNAL_DATA_THRESHOLD"]
 
@@ -30,11 +30,6 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto | ir.Model"
 
 
-def _one_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(exc).__name__
 
 
 def load_model(model: Any) -> ir.Model:
@@ -45,7 +40,7 @@ def load_model(model: Any) -> ir.Model:
         try:
             return ir.serde.deserialize_model(model)
         except Exception as exc:
-            raise ModelError(f"malformed ONNX model: {_one_line(exc)}") from exc
+            raise ModelError(f"malformed ONNX model: {first_line(exc)}") from exc
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
@@ -54,7 +49,7 @@ def load_model(model: Any) -> ir.Model:
             return ir.load(path)
         except Exception as exc:
             raise ModelError(
-                f"{path} is not a readable ONNX model ({_one_line(exc)}); re-export it with `qdq export`"
+                f"{path} is not a readable ONNX model ({first_line(exc)}); re-export it with `qdq export`"
             ) from exc
     raise ModelError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
@@ -91,7 +86,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"could not write {path}: {_one_line(exc)}") from exc
+        raise ModelError(f"could not write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path

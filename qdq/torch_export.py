@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qdq.errors import ModelError
+from qdq.errors import ModelError, first_line
 from qdq.model_io import EXTERNAL_DATA_THRESHOLD, save
 
 __all__ = ["export", "fold_batchnorm_into_conv", "EXTERNAL_DATA_THRESHOLD"]
@@ -28,12 +28,6 @@ logger = logging.getLogger(__name__)
 BATCH_DIM_NAME = "batch"
 
 
-def _one_line(exc: BaseException) -> str:
-    """First non-empty line of an exception message, so errors stay on one line."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return f"{type(exc).__name__}: {line.strip()}"[:300]
-    return type(exc).__name__
 
 
 def _widen_batch(args: tuple, torch: Any) -> tuple:
@@ -172,7 +166,7 @@ def export(
                 **kwargs,
             )
     except Exception as exc:
-        raise ModelError(f"torch.onnx export of {type(model).__name__} failed: {_one_line(exc)}") from exc
+        raise ModelError(f"torch.onnx export of {type(model).__name__} failed: {first_line(exc, with_type=True)}") from exc
     finally:
         model.train(was_training)
 

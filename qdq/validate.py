@@ -27,7 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qdq.data import DataSource
-from qdq.errors import DataError, ModelError
+from qdq.errors import DataError, ModelError, first_line
 from qdq.progress import progress_bar
 
 __all__ = [
@@ -60,11 +60,6 @@ _LEVELS = {
 _QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
-def _one_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -240,7 +235,7 @@ class _Model:
             try:
                 self.proto = onnx.load(str(self.path), load_external_data=False)
             except Exception as exc:
-                raise ModelError(f"{self.path} is not a readable ONNX model ({_one_line(exc)})") from exc
+                raise ModelError(f"{self.path} is not a readable ONNX model ({first_line(exc)})") from exc
             self.external_dir = self.path.parent
         return self.proto
 
@@ -290,7 +285,7 @@ def _session(model: _Model, extra_outputs: Sequence[str], *, providers: Sequence
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the {model.label}: {_one_line(exc)}") from exc
+        raise ModelError(f"onnxruntime cannot load the {model.label}: {first_line(exc)}") from exc
 
 
 def make_session(model: ModelLike, *, extra_outputs: Sequence[str] = (),
@@ -400,7 +395,7 @@ def _run(sess: ort.InferenceSession, names: Sequence[str], feeds: Mapping[str, n
         return sess.run(list(names), dict(feeds))
     except Exception as exc:
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in feeds.items())
-        raise DataError(f"onnxruntime failed on the batch at sample {start} ({shapes}): {_one_line(exc)}; "
+        raise DataError(f"onnxruntime failed on the batch at sample {start} ({shapes}): {first_line(exc)}; "
                         "check the data matches the model inputs") from exc
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qdq.calibration.base import QParamsCalculatorBase
-from qdq.errors import DataError, ModelError
+from qdq.errors import DataError, ModelError, first_line
 from qdq.model_io import to_proto
 
 __all__ = ["CalibrationRunner", "make_session", "as_feeds"]
@@ -37,8 +37,7 @@ def make_session(model: ir.Model, *, level: str = "all", threads: int = 0) -> or
     try:
         return ort.InferenceSession(to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load the model: {first[:300]}") from exc
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
 def as_feeds(batch: Any, input_names: Sequence[str]) -> dict[str, np.ndarray]:
