@@ -38,9 +38,12 @@ from qdq.layout import QLayout
 from qdq.qparams import QParams
 from qdq.spec import QuantizationSpec
 
-__all__ = ["fake_quantize", "quantize_codes", "expand_param", "FakeQuantize", "torch_float8_dtype"]
+__all__ = ["FakeQuantize", "expand_param", "fake_quantize", "quantize_codes", "torch_float8_dtype"]
 
 logger = logging.getLogger(__name__)
+
+
+_PER_TENSOR = QLayout()
 
 
 def torch_float8_dtype(dtype: QDType) -> torch.dtype:
@@ -129,7 +132,7 @@ class _FakeQuantFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x, q, raw, s, z = ctx.saved_tensors
-        layout, lo, hi, grad_factor, scale_shape, want_scale = ctx.meta
+        layout, lo, hi, grad_factor, scale_shape, _ = ctx.meta
         inside = (raw >= lo) & (raw <= hi)
         grad_x = grad_y * inside.to(grad_y.dtype)
         grad_scale = None
@@ -165,7 +168,7 @@ def fake_quantize(
     scale: torch.Tensor,
     zero_point: torch.Tensor,
     dtype: QDType,
-    layout: QLayout = QLayout(),
+    layout: QLayout = _PER_TENSOR,
     *,
     quant_min: float | None = None,
     quant_max: float | None = None,
@@ -298,12 +301,20 @@ class FakeQuantize(nn.Module):
             self.observe(x)
         if not self.fake_quant_enabled:
             return x
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply fake quantization at the current qparams (no observation, ignores the switches)."""
         if not self.initialized:
             raise DataError(
                 f"fake-quant '{self.name}' has no qparams yet; run calibration batches "
                 "(calibration_mode) or load_qparams first"
             )
         return fake_quantize(x, self.scale, self.zero_point, self.dtype, self.layout)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer (or float8) codes ONNX QuantizeLinear produces for ``x``, as float32 values."""
+        return quantize_codes(x.detach(), self.scale.detach(), self.zero_point, self.dtype, self.layout)
 
     def extra_repr(self) -> str:
         lay = "per_tensor" if self.layout.axis is None else (
