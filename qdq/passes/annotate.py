@@ -29,7 +29,7 @@ from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.spec import QScheme, QuantizationSpec
 
-__all__ = ["AnnotatePass", "annotate"]
+__all__ = ["AnnotatePass", "annotate", "unquantized_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BF
 def _is_float(value: ir.Value) -> bool:
     """Only float tensors are quantized (index math in int64 stays as is); unknown type counts as float."""
     return value.dtype is None or value.dtype in _FLOAT_TYPES
+
+
+def unquantized_nodes(model: ir.Model, config: QuantizerConfig) -> set[str]:
+    """Names of the nodes ``config`` leaves float (resolved to ``None`` by op name, op type or global)."""
+    resolver = _ConfigResolver(config, model.graph)
+    return {n.name for n in model.graph if n.name and resolver.resolve(n)[0] is None}
 
 
 def _is_constant(value: ir.Value) -> bool:

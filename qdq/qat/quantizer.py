@@ -162,11 +162,11 @@ class QATQuantizer:
         quantizer = Quantizer(self._float_onnx(args), self.config)
         quantizer.prepare(args[0] if len(args) == 1 else args)
         qdq = quantizer.qdq_model()
-        from qdq.passes.annotate import _ConfigResolver
+        from qdq.passes.annotate import unquantized_nodes
 
-        resolver = _ConfigResolver(self.config, quantizer.float_model.graph)
+        floating = unquantized_nodes(quantizer.float_model, self.config)
         fallback = {n.name for n in quantizer.float_model.graph
-                    if n.name and get_op(n.op_type, n.domain) is None and resolver.resolve(n)[0] is None}
+                    if n.name in floating and get_op(n.op_type, n.domain) is None}
         self._quantizer = quantizer
         self.model = OnnxModule(qdq, fallback_nodes=fallback, learnable_scale=self.schedule.learnable_scale,
                                 quantize_bias=self.quantize_bias)
