@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from qdq.errors import ModelError, first_line
 
-__all__ = ["load_model", "save", "to_proto", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["load_model", "save", "to_proto", "external_data_dir", "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,20 @@ def to_proto(model: Any) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     return ir.serde.serialize_model(load_model(model))
+
+
+def external_data_dir(model: Any) -> str | None:
+    """The folder external initializers of ``model`` are read from (None if all are in memory).
+
+    A session built from serialized bytes must be told this folder, or onnxruntime cannot
+    resolve the relative external-data paths.
+    """
+    if not isinstance(model, ir.Model):
+        return None
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            return str(value.const_value.base_dir)
+    return None
 
 
 def initializer_bytes(model: ir.Model) -> int:
