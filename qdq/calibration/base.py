@@ -20,11 +20,16 @@ from qdq.layout import QLayout
 from qdq.qparams import QParams, compute_qparams
 from qdq.spec import QuantizationSpec
 
-__all__ = ["QParamsCalculatorBase", "RangeCalculatorBase"]
+__all__ = ["GraphReduction", "QParamsCalculatorBase", "RangeCalculatorBase"]
 
 logger = logging.getLogger(__name__)
 
 _C = TypeVar("_C", bound=type)
+
+#: What a calculator needs of a tensor when that is a reduction onnxruntime can compute for it:
+#: ``("minmax", axis)`` or ``("sum", axis)``, ``axis`` None for the whole tensor (see
+#: :meth:`QParamsCalculatorBase.graph_reduction`).
+GraphReduction = tuple[str, int | None]
 
 
 class QParamsCalculatorBase(ABC):
@@ -112,7 +117,26 @@ class QParamsCalculatorBase(ABC):
         raise NotImplementedError
 
     def end_batch(self) -> None:
-        """Close a batch fed with ``observe_chunk``."""
+        """Close a batch fed with ``observe_chunk`` (or ``observe_reduced``)."""
+
+    def graph_reduction(self) -> GraphReduction | None:
+        """The reduction that is all this calculator needs of a tensor, or None when it needs the tensor.
+
+        ``("minmax", axis)``: per-unit min and max (``axis`` None: of the whole tensor; else one
+        pair per index along ``axis``). ``("sum", axis)``: per-index sums along ``axis``. The
+        calibration runner then computes the reduction inside onnxruntime (ReduceMin/ReduceMax/
+        ReduceSum nodes after the producer) and calls :meth:`observe_reduced` once per chunk:
+        the tensor itself never leaves the session, so it is neither copied nor kept.
+        """
+        return None
+
+    def observe_reduced(self, values: tuple[np.ndarray, ...], count: int) -> None:
+        """Feed one chunk's :meth:`graph_reduction` results (``count``: elements per reduced unit).
+
+        For ``minmax`` ``values`` is ``(min, max)``, for ``sum`` it is ``(sums,)``. Close the batch
+        with ``end_batch`` as for ``observe_chunk``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares a graph_reduction but not observe_reduced")
 
     @abstractmethod
     def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +176,15 @@ class RangeCalculatorBase(QParamsCalculatorBase):
         self.max_val: np.ndarray | None = None
         self._batch: tuple[np.ndarray, np.ndarray] | None = None
 
+    #: False for subclasses that look at the tensor themselves (their own observe/observe_chunk)
+    _minmax_in_graph: ClassVar[bool] = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "observe" in cls.__dict__ and "update" not in cls.__dict__:
             cls.supports_chunks = False  # a user calculator with its own observe: feed whole batches
+        if ("observe" in cls.__dict__ or "observe_chunk" in cls.__dict__) and "observe_reduced" not in cls.__dict__:
+            cls._minmax_in_graph = False
 
     def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
         """Fold one batch's range into the running range."""
@@ -165,10 +194,18 @@ class RangeCalculatorBase(QParamsCalculatorBase):
         self.observe_chunk(x)
         self.end_batch()
 
+    def graph_reduction(self) -> GraphReduction | None:
+        if not (self.supports_chunks and self._minmax_in_graph) or self.layout.block_size is not None:
+            return None  # a custom observe(), or per-block ranges: the runner passes the tensor
+        return ("minmax", self.layout.axis)
+
     def observe_chunk(self, x: np.ndarray) -> None:
         from qdq.layout import reduce_minmax
 
-        lo, hi = reduce_minmax(x, self.layout)
+        self.observe_reduced(reduce_minmax(x, self.layout), 0)
+
+    def observe_reduced(self, values: tuple[np.ndarray, ...], count: int) -> None:
+        lo, hi = (np.asarray(v, np.float32) for v in values)
         self._check_finite(np.stack([lo, hi]))  # NaN/Inf anywhere in x shows up in min or max
         if self._batch is not None:
             lo, hi = np.minimum(self._batch[0], lo), np.maximum(self._batch[1], hi)

@@ -11,7 +11,7 @@ from qdq.errors import ConfigError
 from qdq.layout import QLayout
 from qdq.spec import QuantizationSpec
 
-__all__ = ["StaticCalculator", "MovingAverageCalculator", "GlobalMinMaxCalculator"]
+__all__ = ["GlobalMinMaxCalculator", "MovingAverageCalculator", "StaticCalculator"]
 
 
 @QParamsCalculatorBase.register("static")
@@ -33,7 +33,7 @@ class MovingAverageCalculator(RangeCalculatorBase):
         self.averaging_constant = np.float32(averaging_constant)
 
     def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        if self.min_val is None:
+        if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         else:
             c = self.averaging_constant
@@ -46,7 +46,7 @@ class GlobalMinMaxCalculator(RangeCalculatorBase):
     """Running min and max over every calibration batch."""
 
     def update(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        if self.min_val is None:
+        if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         else:
             self.min_val = np.minimum(self.min_val, lo)

@@ -34,8 +34,8 @@ def make_session(model: ir.Model, *, level: str = "all", threads: int = 0,
                  arena: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session of ``model`` (``level``: all / basic / none).
 
-    ``arena=False`` makes onnxruntime return activation memory to the system after each run
-    instead of keeping a growing arena (lower peak RSS for one-off sessions such as calibration).
+    ``arena=False``: onnxruntime allocates and frees activation memory with malloc on every run
+    instead of keeping it in its arena.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = {
@@ -81,10 +81,10 @@ def as_feeds(batch: Any, input_names: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 #: Bytes of observed activations one onnxruntime run may produce; larger batches run in micro-batches.
-#: Counts the tensors copied out (histograms) and, estimated from static shapes, the ones reduced
-#: in the graph (their size drives onnxruntime's own activation memory). Small on purpose: a run
-#: whose activations stay in the CPU caches is also the fastest (EfficientNet-Lite0, 2 cores:
-#: calibration at 1 sample per run takes 0.38 s per 64 images, at 2 or 4 samples 0.8 s).
+#: Counts the tensors copied out (histograms) and, from static shapes, the ones reduced in the graph
+#: (their size drives onnxruntime's activation memory). EfficientNet-Lite0 (26.5 MiB of observed
+#: activations per sample, 2 threads) at 1 / 2 / 4 samples per run: 2.5 / 2.5 / 2.4 s and
+#: 310 / 378 / 502 MB peak RSS for ``qdq quantize`` on 256 images: small runs cost nothing.
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
 
 
@@ -124,41 +124,61 @@ def _per_sample_bytes(value: ir.Value) -> int | None:
     return int(count * dtype.itemsize)
 
 
-#: The statistics computed in the graph; the runner packs each into one vector per run.
+#: The statistics computed in the graph, and how a reduction kind uses them.
 _STATS = {"minmax": ("min", "max"), "sum": ("sum",)}
 _REDUCE_OP = {"min": "ReduceMin", "max": "ReduceMax", "sum": "ReduceSum"}
+_FINISH = {"min": np.minimum, "max": np.maximum, "sum": np.add}
+
+
+@dataclasses.dataclass
+class _Partial:
+    """One Reduce* node: ``stat`` of ``tensor`` over every axis but ``keep`` (dim 0 and a channel axis).
+
+    onnxruntime parallelises a reduction over the kept rows, so reducing H and W per (sample,
+    channel) runs about twice as fast as reducing everything at once (EfficientNet-Lite0, 2
+    threads); the host finishes the few numbers left. ``offset``/``width``: where the result,
+    reduced over samples, sits in the statistic's packed vector.
+    """
+
+    tensor: str
+    stat: str
+    keep: tuple[int, ...]
+    output: str
+    offset: int
+    width: int
 
 
 @dataclasses.dataclass
 class _Reduction:
-    """One in-graph reduction of one tensor: where its results sit in the packed vectors, and who reads them."""
+    """What one group of calculators reads: ``kind`` of ``tensor`` per ``axis``, from its partials."""
 
     tensor: str
     kind: str  # "minmax" or "sum"
     axis: int | None
-    offset: int  # into each of the kind's packed vectors
-    length: int  # 1 per tensor, else the size of ``axis``
-    count_per_sample: int  # elements per reduced unit in one sample (sum only)
+    count_per_sample: int  # elements per reduced unit in one sample
+    partials: list[_Partial]
     calculators: list[Any] = dataclasses.field(default_factory=list)
 
     def unpack(self, packed: Mapping[str, np.ndarray], samples: int) -> tuple[tuple[np.ndarray, ...], int]:
         """The reduction's results for ``samples`` samples (per-tensor results are 0-d) and its element count."""
         vals = []
-        for stat in _STATS[self.kind]:
-            v = packed[stat][self.offset:self.offset + self.length]
-            vals.append(v.reshape(()) if self.axis is None else v)
+        for part in self.partials:
+            v = packed[part.stat][part.offset:part.offset + part.width]
+            if self.axis is None:  # finish the per-tensor statistic over the kept channels
+                v = _FINISH[part.stat].reduce(v).reshape(())
+            vals.append(v)
         return tuple(vals), self.count_per_sample * samples
 
 
 class _GraphBuilder:
-    """Adds the reductions to a graph: Reduce* nodes right after each reduced tensor's producer, each
-    result a graph output. (Packing them in the graph with Reshape + Concat made runs 2.5x slower on
+    """Adds reductions to a graph: Reduce* nodes right after each reduced tensor's producer, each result
+    a graph output. (Packing them in the graph with Reshape + Concat made runs 2.5x slower on
     EfficientNet-Lite0: the runner packs them on the host instead, one vector per statistic.)"""
 
     def __init__(self, graph: ir.Graph, opset: int, taken: set[str]) -> None:
         self.graph, self.opset, self.taken = graph, opset, taken
-        self.outputs: dict[str, list[str]] = {stat: [] for kind in _STATS.values() for stat in kind}
-        self.sizes: dict[str, int] = {"minmax": 0, "sum": 0}
+        self.partials: dict[tuple[str, str, tuple[int, ...]], _Partial] = {}
+        self.sizes: dict[str, int] = {stat: 0 for stat in _REDUCE_OP}
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -174,21 +194,12 @@ class _GraphBuilder:
         self.graph.register_initializer(value)
         return value
 
-    def node(self, nodes: list[ir.Node], op: str, inputs: list[ir.Value | None], base: str,
-             attrs: Sequence[ir.Attr] = ()) -> ir.Value:
-        node = ir.Node("", op, inputs, attributes=list(attrs), name=self.fresh(f"{base}__qdq_{op}"))
-        out = node.outputs[0]
-        out.name = self.fresh(f"{base}__qdq_{op.lower()}")
-        out.dtype = ir.DataType.FLOAT  # reductions of float tensors only (see plan)
-        nodes.append(node)
-        return out
-
     @staticmethod
-    def plan(value: ir.Value, red: tuple[str, int | None] | None) -> tuple[str, int | None, int, int] | None:
-        """(kind, axis, length, elements per unit and sample) when onnxruntime can compute ``red`` of ``value``."""
+    def plan(value: ir.Value, red: tuple[str, int | None] | None) -> tuple[str, int | None, tuple[int, ...], int] | None:
+        """(kind, axis, kept axes, elements per unit and sample) when onnxruntime can compute ``red`` of ``value``."""
         if red is None or red[0] not in _STATS or value.producer() is None:
             return None  # graph inputs: the calculators read the feeds
-        if value.dtype != ir.DataType.FLOAT or value.shape is None:
+        if value.dtype != ir.DataType.FLOAT or value.shape is None or len(value.shape) < 2:
             return None
         kind, axis = red
         dims = list(value.shape)
@@ -196,40 +207,57 @@ class _GraphBuilder:
             if not -len(dims) <= axis < len(dims):
                 return None
             axis %= len(dims)
-        if axis is not None and (axis == 0 or not isinstance(dims[axis], int)):
-            return None  # per-sample statistics, or an unknown number of channels
-        length = 1 if axis is None else int(dims[axis])  # type: ignore[arg-type]
-        per_sample = 0
-        if kind == "sum":
-            rest = dims[1:]
-            if not all(isinstance(d, int) for d in rest):
-                return None
-            per_sample = int(math.prod(rest)) // length  # type: ignore[arg-type]
-        return kind, axis, length, per_sample
+            if axis == 0 or not isinstance(dims[axis], int):
+                return None  # per-sample statistics, or an unknown number of channels
+            keep: tuple[int, ...] = (0, axis)
+        else:
+            keep = (0, 1) if len(dims) >= 3 and isinstance(dims[1], int) else (0,)
+        rest = dims[1:]
+        if not all(isinstance(d, int) for d in rest):
+            return None
+        units = 1 if axis is None else int(dims[axis])  # type: ignore[arg-type]
+        return kind, axis, keep, int(math.prod(rest)) // units  # type: ignore[arg-type]
 
-    def add(self, value: ir.Value, kind: str, axis: int | None, length: int, per_sample: int) -> _Reduction:
+    def add(self, value: ir.Value, kind: str, axis: int | None, keep: tuple[int, ...], per_unit: int) -> _Reduction:
         base = value.name or "t"
+        dims = list(value.shape or ())
         nodes: list[ir.Node] = []
-        attrs: list[ir.Attr] = [ir.AttrInt64("keepdims", 0)]
-        axes = None if axis is None else [i for i in range(len(value.shape or ())) if i != axis]
+        partials = []
         for stat in _STATS[kind]:
-            op = _REDUCE_OP[stat]
-            inputs: list[ir.Value | None] = [value]
-            node_attrs = list(attrs)
-            if axes is not None:
+            key = (base, stat, keep)
+            if key not in self.partials:
+                op = _REDUCE_OP[stat]
+                axes = [i for i in range(len(dims)) if i not in keep]
+                width = 1
+                for i in keep[1:]:
+                    width *= int(dims[i])  # type: ignore[arg-type]  # static, checked in plan()
+                if not axes:  # e.g. per-channel of a [N, C] tensor: the tensor is the partial result
+                    if not value.is_graph_output():
+                        self.graph.outputs.append(value)
+                    self.partials[key] = _Partial(base, stat, keep, base, self.sizes[stat], width)
+                    self.sizes[stat] += width
+                    partials.append(self.partials[key])
+                    continue
+                inputs: list[ir.Value | None] = [value]
+                attrs: list[ir.Attr] = [ir.AttrInt64("keepdims", 0)]
                 if self.opset >= (13 if op == "ReduceSum" else 18):  # axes became an input
                     inputs.append(self.const(f"{base}__qdq_axes", np.asarray(axes, np.int64)))
                 else:
-                    node_attrs.append(ir.AttrInt64s("axes", axes))
-            reduced = self.node(nodes, op, inputs, base, node_attrs)
-            self.graph.outputs.append(reduced)
-            self.outputs[stat].append(reduced.name or "")
-        producer = value.producer()
-        assert producer is not None
-        self.graph.insert_after(producer, nodes)
-        red = _Reduction(base, kind, axis, self.sizes[kind], length, per_sample)
-        self.sizes[kind] += length
-        return red
+                    attrs.append(ir.AttrInt64s("axes", axes))
+                node = ir.Node("", op, inputs, attributes=attrs, name=self.fresh(f"{base}__qdq_{op}"))
+                out = node.outputs[0]
+                out.name = self.fresh(f"{base}__qdq_{stat}")
+                out.dtype = ir.DataType.FLOAT  # reductions of float tensors only (see plan)
+                nodes.append(node)
+                self.graph.outputs.append(out)
+                self.partials[key] = _Partial(base, stat, keep, out.name, self.sizes[stat], width)
+                self.sizes[stat] += width
+            partials.append(self.partials[key])
+        if nodes:
+            producer = value.producer()
+            assert producer is not None
+            self.graph.insert_after(producer, nodes)
+        return _Reduction(base, kind, axis, per_unit, partials)
 
 
 class CalibrationRunner:
@@ -237,8 +265,8 @@ class CalibrationRunner:
 
     Reductions (see the module docstring) run inside the session; their results are packed into
     one vector per statistic, micro-batches are merged there (min, max, sum) and every such
-    calculator is fed once per batch. For tensors copied out, onnxruntime holds every requested output of a run
-    at once, so memory would scale with the batch size times all observed activations. When every
+    calculator is fed once per batch. Tensors copied out are held by onnxruntime all at once, so
+    memory would scale with the batch size times all observed activations: when every
     calculator accepts a batch in pieces, a batch runs as micro-batches sized to ``chunk_bytes``
     and each calculator closes the batch once: same statistics, bounded memory.
     """
@@ -274,14 +302,17 @@ class CalibrationRunner:
                     by_key[key] = builder.add(value, *planned)
                     self.reductions.append(by_key[key])
                 by_key[key].calculators.append(calc)
-        #: statistic -> graph outputs of its reductions, in offset order
-        self._stat_outputs = {stat: names for stat, names in builder.outputs.items() if names}
+        #: statistic -> graph outputs of its partial reductions, in offset order
+        self._stat_outputs: dict[str, list[str]] = {}
+        for part in sorted(builder.partials.values(), key=lambda p: p.offset):
+            self._stat_outputs.setdefault(part.stat, []).append(part.output)
         # Tensors copied out: extra graph outputs (graph inputs come straight from the feeds).
         present = {v.name for v in graph.outputs}
         for name in self.tensor_calculators:
             if name not in present and name not in self.input_names:
                 graph.outputs.append(values[name])
-        self.session = make_session(clone, threads=threads, arena=False)
+        # The arena keeps peak RSS steady (without it glibc fragmentation made the peak vary 270-400 MB).
+        self.session = make_session(clone, threads=threads)
         copied = [n for n in self.tensor_calculators if n not in self.input_names and n not in self.output_names]
         self.fetch = self.output_names + copied + [n for names in self._stat_outputs.values() for n in names]
         self._num_copied = len(self.output_names) + len(copied)
@@ -294,6 +325,7 @@ class CalibrationRunner:
         #: bytes per sample of the tensors reduced in the graph (static shapes; distinct tensors once)
         reduced = {r.tensor for r in self.reductions} - set(self.tensor_calculators)
         self.reduced_bytes_per_sample = float(sum(_per_sample_bytes(values[n]) or 0 for n in reduced))
+        #: bytes per sample copied out (measured on the first run) plus reduced_bytes_per_sample
         self.bytes_per_sample: float | None = None
         if not copied and not self.output_names:
             self.bytes_per_sample = self.reduced_bytes_per_sample
@@ -310,11 +342,11 @@ class CalibrationRunner:
         if not self.chunkable or n is None or n <= 1:
             results = self._run(feeds, whole=True)
         else:
-            step = 1 if self.bytes_per_sample is None else self._step()
-            parts = []
-            for start in range(0, n, step):
+            parts, start = [], 0
+            while start < n:  # the first run ever is 1 sample: it measures the bytes copied per sample
+                step = 1 if self.bytes_per_sample is None else self._step()
                 parts.append(self._run({k: v[start:start + step] for k, v in feeds.items()}, whole=False))
-                step = self._step()
+                start += step
             for calcs in self.tensor_calculators.values():
                 for calc in calcs:
                     calc.end_batch()
@@ -335,12 +367,12 @@ class CalibrationRunner:
             self.bytes_per_sample = copied / samples + self.reduced_bytes_per_sample
         start = self._num_copied
         for stat, names in self._stat_outputs.items():
-            v = np.concatenate([o.reshape(-1) for o in outs[start:start + len(names)]])
+            parts = outs[start:start + len(names)]
             start += len(names)
+            finish = _FINISH[stat]
+            v = finish.reduce(np.concatenate([o.reshape(o.shape[0], -1) for o in parts], axis=1), axis=0)
             old = self._packed.get(stat)
-            if old is not None:
-                v = np.minimum(old, v) if stat == "min" else np.maximum(old, v) if stat == "max" else old + v
-            self._packed[stat] = v
+            self._packed[stat] = v if old is None else finish(old, v)
         self._packed_samples += samples
         tensors = dict(zip(self.fetch[: self._num_copied], outs))
         del outs
