@@ -36,13 +36,9 @@ def optimized_model(model: Any, *, level: str = "all") -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs after its optimizations (``level``: all / extended / basic)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    }[level]
-    opts.log_severity_level = 3
+    from qdq.calibration.runner import session_options
+
+    opts = session_options(level)
     with tempfile.TemporaryDirectory(prefix="qdq_ort_") as tmp:
         out = Path(tmp) / "optimized.onnx"
         opts.optimized_model_filepath = str(out)

@@ -30,6 +30,23 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "CalibrationRunner", "as_feeds", "make_session
 logger = logging.getLogger(__name__)
 
 
+#: onnxruntime graph optimization levels by name.
+OPT_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def session_options(level: str = "all") -> ort.SessionOptions:
+    """Quiet CPU session options at optimization ``level`` (all / extended / basic / none)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = OPT_LEVELS[level]
+    opts.log_severity_level = 3
+    return opts
+
+
 def make_session(model: ir.Model, *, level: str = "all", threads: int = 0,
                  arena: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session of ``model`` (``level``: all / basic / none).
@@ -37,14 +54,8 @@ def make_session(model: ir.Model, *, level: str = "all", threads: int = 0,
     ``arena=False``: onnxruntime allocates and frees activation memory with malloc on every run
     instead of keeping it in its arena.
     """
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[level]
+    opts = session_options(level)
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = arena
     folder = external_data_dir(model)
     if folder is not None:
