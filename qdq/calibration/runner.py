@@ -20,51 +20,13 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from qdq.errors import DataError, ModelError, first_line
-from qdq.model_io import external_data_dir, to_proto
+from qdq.errors import DataError, ModelError
+from qdq.session import OPT_LEVELS, make_session, session_options
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "CalibrationRunner", "as_feeds", "make_session"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "OPT_LEVELS", "CalibrationRunner", "as_feeds", "make_session", "session_options"]
 
 logger = logging.getLogger(__name__)
-
-
-#: onnxruntime graph optimization levels by name.
-OPT_LEVELS = {
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-}
-
-
-def session_options(level: str = "all") -> ort.SessionOptions:
-    """Quiet CPU session options at optimization ``level`` (all / extended / basic / none)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = OPT_LEVELS[level]
-    opts.log_severity_level = 3
-    return opts
-
-
-def make_session(model: ir.Model, *, level: str = "all", threads: int = 0,
-                 arena: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session of ``model`` (``level``: all / basic / none).
-
-    ``arena=False``: onnxruntime allocates and frees activation memory with malloc on every run
-    instead of keeping it in its arena.
-    """
-    opts = session_options(level)
-    opts.intra_op_num_threads = threads
-    opts.enable_cpu_mem_arena = arena
-    folder = external_data_dir(model)
-    if folder is not None:
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-    try:
-        data = to_proto(model).SerializeToString()  # the proto is freed before the session copies the weights
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
 def as_feeds(batch: Any, input_names: Sequence[str]) -> dict[str, np.ndarray]:
