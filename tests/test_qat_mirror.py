@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, ModelError
 from qdq.model_io import load_model
 from qdq.qat import QATQuantizer, QATSchedule
-from qdq.qat.parity import code_parity, summarize
+from qdq.qat.parity import CodeParity, code_parity, summarize, unexplained
 from qdq.quantizer import Quantizer, finalize_model
 
 DTYPES = ["int8", "uint8", "int4", "float8_e4m3fn"]
+SEED = int(os.environ.get("QDQ_TEST_SEED", "0"))  # vary it to check that no assertion rests on one draw
 
 
 def _config(dtype: str, **extra: Any) -> QuantizerConfig:
@@ -59,7 +61,7 @@ def effnet_onnx(model_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def cases(digits_onnx: Path, attention_onnx: Path, effnet_onnx: Path, digits_data) -> dict[str, Any]:
     x_tr, _, x_te, _ = digits_data
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     return {
         "digits": (digits_onnx, [x_tr[i:i + 64] for i in range(0, 256, 64)], x_te[:200]),
         "attention": (attention_onnx, [torch.randn(4, 8, 16, generator=gen).numpy() for _ in range(4)],
@@ -67,6 +69,19 @@ def cases(digits_onnx: Path, attention_onnx: Path, effnet_onnx: Path, digits_dat
         "effnet": (effnet_onnx, [torch.randn(2, 3, 64, 64, generator=gen).numpy() for _ in range(3)],
                    torch.randn(2, 3, 64, 64, generator=gen).numpy()),
     }
+
+
+def _assert_codes_agree(parity: dict[str, CodeParity], *, free_running: bool = False) -> None:
+    """Codes agree up to float summation order (see qdq.qat.parity), no fixed fraction.
+
+    Teacher-forced, each target's codes come from one op on identical inputs, so a code may differ
+    only by one step and only where onnxruntime's pre-rounding value lies within the float32 error
+    bound of a rounding boundary ("near"). Free-running, the same holds for every target whose
+    upstream codes all agree; downstream of a difference the inputs differ, and codes may too.
+    """
+    assert not unexplained(parity), unexplained(parity)
+    if not free_running:
+        assert summarize(parity)[2] <= 1, summarize(parity)
 
 
 def _both_sides(path: Path, config: QuantizerConfig, calib: list[np.ndarray]) -> tuple[QATQuantizer, Quantizer]:
@@ -123,13 +138,8 @@ def test_parity_with_onnx_side(cases: dict[str, Any], name: str, dtype: str, tmp
         np.testing.assert_array_equal(got[key].zero_point, ref[key].zero_point, err_msg=key)
 
     # integer codes at every quantized tensor: onnxruntime (the export) vs the mirror in eval mode
-    forced = code_parity(mirror, exported, test_x, teacher_forcing=True)
-    frac, _, worst = summarize(forced)
-    assert frac >= 0.9999 and worst <= 1, (frac, worst)
-    free = code_parity(mirror, exported, test_x)
-    frac, _, worst = summarize(free)
-    # free-running, a rare one-step difference (float accumulation order) propagates; deeper nets amplify it
-    assert frac >= (0.995 if name == "effnet" else 0.9999), frac
+    _assert_codes_agree(code_parity(mirror, exported, test_x, teacher_forcing=True))
+    _assert_codes_agree(code_parity(mirror, exported, test_x), free_running=True)
 
 
 def test_quantize_bias_matches_onnxruntime_int32_bias(cases: dict[str, Any], tmp_path: Path) -> None:
@@ -139,10 +149,11 @@ def test_quantize_bias_matches_onnxruntime_int32_bias(cases: dict[str, Any], tmp
     qat.prepare(calib[0])
     qat.calibrate(calib)
     exported = qat.export(tmp_path / "biasq.onnx")
-    frac, _, worst = summarize(code_parity(qat.model, exported, test_x, teacher_forcing=True, level="basic"))
-    assert frac >= 0.9999 and worst <= 1
-    plain, _, _ = summarize(code_parity(qat.model, exported, test_x, teacher_forcing=True, level="none"))
-    assert plain < frac  # the bias rounding is visible in the codes
+    basic = code_parity(qat.model, exported, test_x, teacher_forcing=True, level="basic")
+    _assert_codes_agree(basic)
+    plain = code_parity(qat.model, exported, test_x, teacher_forcing=True, level="none")
+    assert unexplained(plain)  # the bias rounding is visible in the codes, beyond float summation order
+    assert summarize(plain)[0] < summarize(basic)[0]
 
 
 def test_parity_consumer_specific_pairs(attention_onnx: Path, cases: dict[str, Any], tmp_path: Path) -> None:
@@ -153,8 +164,8 @@ def test_parity_consumer_specific_pairs(attention_onnx: Path, cases: dict[str, A
     assert any(t.uses for t in onnx_q.targets.values())
     exported = qat.export(tmp_path / "mixed.onnx")
     assert _qdq_placement(exported) == _qdq_placement(onnx_q.qdq_model())
-    frac, _, worst = summarize(code_parity(qat.model, exported, test_x))
-    assert frac >= 0.9999 and worst <= 1
+    _assert_codes_agree(code_parity(qat.model, exported, test_x, teacher_forcing=True))
+    _assert_codes_agree(code_parity(qat.model, exported, test_x), free_running=True)
 
 
 def test_load_qparams_reproduces_onnx_prepared_outputs(digits_onnx: Path, digits_data) -> None:
@@ -176,9 +187,11 @@ def test_load_qparams_reproduces_onnx_prepared_outputs(digits_onnx: Path, digits
     with torch.no_grad():
         got = mirror(torch.from_numpy(x_te)).numpy()
     steps = np.abs(got - ref) / float(onnx_q.qparams["linear"].scale)
-    assert (steps < 1e-3).mean() >= 0.9999 and steps.max() <= 1 + 1e-3
-    frac, _, worst = summarize(code_parity(mirror, onnx_q.qdq_model(), x_te))
-    assert frac >= 0.9999 and worst <= 1
+    free = code_parity(mirror, onnx_q.qdq_model(), x_te)
+    _assert_codes_agree(free, free_running=True)
+    _assert_codes_agree(code_parity(mirror, onnx_q.qdq_model(), x_te, teacher_forcing=True))
+    # the logits are the dequantized codes of "linear": they differ exactly where those codes do
+    assert int((steps > 1e-3).sum()) == free["linear"].total - free["linear"].equal
 
     # freeze=True keeps activation qparams through training steps; weights follow the schedule
     qat.load_qparams(prepared, freeze=True)

@@ -467,7 +467,8 @@ class OnnxModule(nn.Module):
                 continue
             value = graph.initializers[name]
             arr = t.detach().cpu().numpy().astype(self._init_dtypes[name], copy=False)
-            value.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
+            # np.ascontiguousarray would turn a scalar into shape (1,): keep the initializer's shape
+            value.const_value = ir.tensor(np.array(arr, order="C", copy=True).reshape(tuple(t.shape)), name=name)
         nodes = {n.name: n for n in graph if n.name}
         for root, fq in self.roots():
             q = nodes[self.root_site(root).q_node]
