@@ -9,15 +9,16 @@ int8 per-tensor activations). Port keys are ``"*"``, an ONNX input/output name o
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from qdq.errors import ConfigError
-from qdq.spec import QuantizationSpec, default_activation_spec, default_weight_spec
+from qdq.spec import QuantizationSpec, default_activation_spec, default_weight_spec, show
 
 __all__ = ["ModuleQuantizerConfig", "QuantizerConfig", "SpecDict"]
 
@@ -41,7 +42,7 @@ def _parse_spec(value: Any, where: str) -> QuantizationSpec | None:
                   "qparam_calculator_cls": _coreai_calc_name(getattr(value, "qparam_calculator_cls", "default")),
                   "float_range": _coreai_range(getattr(value, "float_range", None))}
         return QuantizationSpec(**fields)
-    raise ConfigError(f"{where}: expected a QuantizationSpec, a mapping or null, got {value!r}")
+    raise ConfigError(f"{where}: expected a QuantizationSpec, a mapping or null, got {show(value)}")
 
 
 def _coreai_calc_name(value: Any) -> str:
@@ -63,11 +64,13 @@ def _parse_spec_dict(value: Any, where: str) -> dict[Any, QuantizationSpec | Non
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where} must be a mapping of port -> spec (e.g. {{'*': {{dtype: int8}}}}), got {value!r}")
+        raise ConfigError(
+            f"{where} must be a mapping of port -> spec (e.g. {{'*': {{dtype: int8}}}}), got {show(value)}"
+        )
     out: dict[Any, QuantizationSpec | None] = {}
     for key, spec in value.items():
         if not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise ConfigError(f"{where}: port key {key!r} must be '*', a port name or an index")
+            raise ConfigError(f"{where}: port key {show(key)} must be '*', a port name or an index")
         out[key] = _parse_spec(spec, f"{where}[{key!r}]")
     return out
 
@@ -98,8 +101,7 @@ class ModuleQuantizerConfig:
             value = getattr(self, name)
             set_(self, name, default if value is _UNSET else _parse_spec_dict(value, name))
         for name in ("op_type_config", "op_name_config"):
-            value = getattr(self, name)
-            set_(self, name, _parse_op_configs(value, name) if value else {})
+            set_(self, name, _parse_op_configs(getattr(self, name), name))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -117,11 +119,12 @@ class ModuleQuantizerConfig:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {data!r}")
+            raise ConfigError(f"{where} must be a mapping, got {show(data)}")
         valid = [f.name for f in dataclasses.fields(cls)]
-        extra = [k for k in data if k not in valid]
+        extra = [k for k in data if not isinstance(k, str) or k not in valid]
         if extra:
-            raise ConfigError(f"unknown key(s) {extra} in {where}; valid keys: {valid}")
+            raise ConfigError(f"unknown key(s) {show(extra)} in {where}{_did_you_mean(extra, valid)}; "
+                              f"valid keys: {valid}")
         try:
             return cls(**dict(data))
         except ConfigError as exc:
@@ -138,15 +141,20 @@ class ModuleQuantizerConfig:
         return table.get("*")
 
 
+def _did_you_mean(keys: list[Any], valid: Any) -> str:
+    close = [m for k in keys if isinstance(k, str) for m in difflib.get_close_matches(k, valid, n=1)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def _parse_op_configs(value: Any, where: str) -> dict[str, ModuleQuantizerConfig | None]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where} must be a mapping of name -> config (or null), got {value!r}")
+        raise ConfigError(f"{where} must be a mapping of name -> config (or null), got {show(value)}")
     out: dict[str, ModuleQuantizerConfig | None] = {}
     for key, cfg in value.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{where}: key {key!r} must be a string")
+            raise ConfigError(f"{where}: key {show(key)} must be a string")
         if cfg is None or isinstance(cfg, ModuleQuantizerConfig):
             out[key] = cfg
         elif isinstance(cfg, Mapping):
@@ -154,7 +162,7 @@ def _parse_op_configs(value: Any, where: str) -> dict[str, ModuleQuantizerConfig
         elif type(cfg).__name__ in ("ModuleQuantizerConfig", "OpQuantizerConfig"):
             out[key] = _from_coreai_module_config(cfg)
         else:
-            raise ConfigError(f"{where}[{key!r}] must be a ModuleQuantizerConfig, a mapping or null")
+            raise ConfigError(f"{where}[{key!r}] must be a ModuleQuantizerConfig, a mapping or null, got {show(cfg)}")
     return out
 
 
@@ -198,25 +206,27 @@ class QuantizerConfig:
             if type(g).__name__ == "ModuleQuantizerConfig":
                 g = _from_coreai_module_config(g)
             else:
-                raise ConfigError(f"global_config must be a ModuleQuantizerConfig, a mapping or null, got {g!r}")
-        set_(self, "global_config", g)
+                raise ConfigError(
+                    f"global_config must be a ModuleQuantizerConfig, a mapping or null, got {show(g)}"
+                )
         type_cfgs = dict(g.op_type_config) if g is not None else {}
         type_cfgs.update(_parse_op_configs(self.op_type_configs, "op_type_configs"))
         name_cfgs = dict(g.op_name_config) if g is not None else {}
         name_cfgs.update(_parse_op_configs(self.op_name_configs, "op_name_configs"))
+        if g is not None and (g.op_type_config or g.op_name_config):
+            # coreai_opt nests these in the global config; they live (merged) in op_*_configs only
+            g = dataclasses.replace(g, op_type_config=None, op_name_config=None)
+        set_(self, "global_config", g)
         set_(self, "op_type_configs", type_cfgs)
         set_(self, "op_name_configs", name_cfgs)
-        if self.qat_schedule is not None and not isinstance(self.qat_schedule, Mapping):
-            if hasattr(self.qat_schedule, "to_dict"):
-                set_(self, "qat_schedule", self.qat_schedule.to_dict())
-            else:
-                raise ConfigError("qat_schedule must be a mapping, e.g. {enable_fake_quant: 100}")
+        set_(self, "qat_schedule", _parse_qat_schedule(self.qat_schedule))
         if not isinstance(self.bias_correction, bool):
-            raise ConfigError(f"bias_correction must be true or false, got {self.bias_correction!r}")
+            raise ConfigError(f"bias_correction must be true or false, got {show(self.bias_correction)}")
 
     # ------------------------------------------------------------------ (de)serialisation
-    _KEYS = ("global_config", "op_type_configs", "op_name_configs", "qat_schedule", "bias_correction")
-    _TORCH_ONLY = {"module_type_configs": "op_type_configs", "module_name_configs": "op_name_configs"}
+    _KEYS: ClassVar[tuple[str, ...]] = (
+        "global_config", "op_type_configs", "op_name_configs", "qat_schedule", "bias_correction")
+    _TORCH_ONLY: ClassVar[dict[str, str]] = {"module_type_configs": "op_type_configs", "module_name_configs": "op_name_configs"}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> QuantizerConfig:
@@ -229,9 +239,10 @@ class QuantizerConfig:
                 raise ConfigError(
                     f"'{key}' selects torch modules; qdq configures ONNX ops: use '{cls._TORCH_ONLY[key]}'"
                 )
-        extra = [k for k in data if k not in cls._KEYS]
+        extra = [k for k in data if not isinstance(k, str) or k not in cls._KEYS]
         if extra:
-            raise ConfigError(f"unknown config key(s) {extra}; valid keys: {list(cls._KEYS)}")
+            raise ConfigError(f"unknown config key(s) {show(extra)}{_did_you_mean(extra, cls._KEYS)}; "
+                              f"valid keys: {list(cls._KEYS)}")
         kwargs = dict(data)
         if "global_config" in kwargs:
             kwargs["global_config"] = (
@@ -241,20 +252,42 @@ class QuantizerConfig:
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike[str]) -> QuantizerConfig:
-        """Load from a YAML file path (or a YAML string containing a newline)."""
+        """Load from a YAML file path (or a YAML string containing a newline).
+
+        Only plain YAML is read (``yaml.safe_load``): python tags such as ``!!python/object`` are refused,
+        never executed. An empty file is an error (it is more likely the wrong file than "all defaults").
+        """
         text = str(source)
+        label = "config"
         if "\n" not in text:
             path = Path(text)
+            label = f"config file {path}"
+            if path.is_dir():
+                raise ConfigError(f"{label} is a folder; pass the YAML file itself")
             if not path.is_file():
-                raise ConfigError(f"config file {path} not found; pass an existing YAML file")
-            text = path.read_text()
+                raise ConfigError(f"{label} not found; pass an existing YAML file")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{label} is not UTF-8 text (byte {exc.start}); save the YAML as UTF-8") from None
+            except OSError as exc:
+                raise ConfigError(f"cannot read {label}: {exc.strerror or exc}") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        return cls.from_dict(data or {})
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"{label} is not valid YAML{where}: {problem[:200]}") from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. `!!float abc`
+            raise ConfigError(f"{label} is not valid YAML: {' '.join(str(exc).split())[:200]}") from None
+        if data is None:
+            raise ConfigError(f"{label} is empty; write a mapping such as 'global_config: {{}}' "
+                              "(or use --preset for a named config)")
+        if not isinstance(data, Mapping):
+            hint = "; for a named config use --preset" if isinstance(data, str) else ""
+            raise ConfigError(f"{label} must be a YAML mapping of config keys, got a {type(data).__name__}{hint}")
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -274,4 +307,44 @@ class QuantizerConfig:
         return out
 
     def to_yaml(self) -> str:
+        """YAML text that :meth:`from_yaml` reads back to an equal config."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _parse_qat_schedule(value: Any) -> dict[str, Any] | None:
+    """Check ``qat_schedule``'s keys and value types now, keep it as a plain mapping.
+
+    :class:`qdq.qat.QATSchedule` checks the steps' meaning when QAT starts; it is not imported here
+    because ``qdq.qat`` needs torch, which plain PTQ does not.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) and hasattr(value, "to_dict"):  # QATSchedule or a coremltools schedule
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"qat_schedule must be a mapping, e.g. {{enable_fake_quant: 100}}, got {show(value)}")
+    extra = [k for k in value if not isinstance(k, str) or k not in _QAT_KEYS]
+    if extra:
+        raise ConfigError(f"unknown qat_schedule key(s) {show(extra)}{_did_you_mean(extra, _QAT_KEYS)}; "
+                          f"valid keys: {list(_QAT_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "milestones":
+            ok = isinstance(item, (list, tuple)) and len(item) == 4 and all(v is None or _is_step(v) for v in item)
+            item = list(item) if ok else item
+        elif key == "learnable_scale":
+            ok = item is None or isinstance(item, bool) or item in ("all", "weights", "activations")
+        else:
+            ok = _is_step(item) or (item is None and key in ("disable_observer", "freeze_bn"))
+        if not ok:
+            raise ConfigError(f"qat_schedule.{key}: invalid value {show(item)} (steps are integers >= 0; "
+                              "milestones lists 4 of them; learnable_scale is true/false/all/weights/activations)")
+        out[key] = item
+    return out
+
+
+_QAT_KEYS = ("enable_observer", "enable_fake_quant", "disable_observer", "freeze_bn", "milestones", "learnable_scale")
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -112,18 +112,23 @@ def parse_dtype(value: Any) -> QDType:
     """Accept a QDType, its name (``"int8"``), a torch dtype (``torch.int8``) or ``ml_dtypes``/numpy dtype."""
     if isinstance(value, QDType):
         return value
-    name = str(value)
-    if name.startswith("torch."):
-        name = name[len("torch."):]
-    try:
-        name = np.dtype(value).name if not isinstance(value, str) and not name.startswith(("int", "uint", "float8")) else name
-    except TypeError:
-        pass
-    name = name.strip().lower()
+    valid = ", ".join(m.value for m in QDType)
+    if isinstance(value, str):
+        name = value
+    elif isinstance(value, np.dtype):
+        name = value.name
+    elif isinstance(value, type) and issubclass(value, np.generic):  # np.int8, ml_dtypes.int4, ...
+        name = np.dtype(value).name
+    elif type(value).__module__ == "torch" and str(value).startswith("torch."):  # torch.int8
+        name = str(value)
+    else:
+        text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"quantization dtype must be a name such as 'int8', got {text}; use one of: {valid}")
+    name = name.strip().lower().removeprefix("torch.")
     for member in QDType:
         if member.value == name:
             return member
     if name in _ALIASES:
         return _ALIASES[name]
-    valid = ", ".join(m.value for m in QDType)
-    raise ConfigError(f"unsupported quantization dtype {value!r}; use one of: {valid}")
+    text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise ConfigError(f"unsupported quantization dtype {text}; use one of: {valid}")

@@ -7,25 +7,49 @@ construction, strings/dicts/torch dtypes accepted wherever a user would write th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import inspect
 import math
+import numbers
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
+from qdq.calibration import registry
 from qdq.dtypes import QDType, parse_dtype
 from qdq.errors import ConfigError
 
 __all__ = [
-    "QScheme",
-    "PerTensorGranularity",
-    "PerChannelGranularity",
-    "PerBlockGranularity",
     "Granularity",
+    "PerBlockGranularity",
+    "PerChannelGranularity",
+    "PerTensorGranularity",
+    "QScheme",
     "QuantizationSpec",
-    "parse_granularity",
-    "default_weight_spec",
     "default_activation_spec",
+    "default_weight_spec",
+    "parse_granularity",
+    "show",
 ]
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line error messages about any user value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _unknown_keys(data: Mapping[Any, Any], valid: Any) -> list[Any]:
+    """Keys of ``data`` that are not valid field names, in their order (any key type)."""
+    return [k for k in data if not isinstance(k, str) or k not in valid]
 
 
 class QScheme(enum.Enum):
@@ -42,12 +66,13 @@ class QScheme(enum.Enum):
 def _parse_qscheme(value: Any) -> QScheme:
     if isinstance(value, QScheme):
         return value
-    name = str(getattr(value, "value", value)).strip().lower()
-    for member in QScheme:
-        if member.value == name:
-            return member
+    name = getattr(value, "value", value)  # coreai_opt / torch enums carry the name in .value
+    if isinstance(name, str):
+        for member in QScheme:
+            if member.value == name.strip().lower():
+                return member
     valid = ", ".join(m.value for m in QScheme)
-    raise ConfigError(f"unknown qscheme {value!r}; use one of: {valid}")
+    raise ConfigError(f"unknown qscheme {show(value)}; use one of: {valid}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +89,19 @@ class PerChannelGranularity:
 
     axis: int | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axis", _parse_axis(self.axis, "per_channel"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": "per_channel", "axis": self.axis}
+
+
+def _parse_axis(axis: Any, kind: str) -> int | None:
+    if axis is None:
+        return None
+    if not _is_int(axis):
+        raise ConfigError(f"{kind} axis must be an integer or null (the op's default axis), got {show(axis)}")
+    return int(axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,22 +112,23 @@ class PerBlockGranularity:
     block_size: int = 32
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "axis", _parse_axis(self.axis, "per_block"))
         bs = self.block_size
-        if isinstance(bs, (tuple, list)):
-            sizes = [int(b) for b in bs if int(b) not in (-1, 1)]
-            if len(sizes) != 1:
+        if isinstance(bs, (tuple, list)):  # coreai_opt's per-dimension block sizes: exactly one > 1
+            if not all(_is_int(b) for b in bs) or len(sizes := [int(b) for b in bs if b not in (-1, 1)]) != 1:
                 raise ConfigError(
-                    f"per_block block_size {bs!r} must block exactly one axis; write block_size: 32 and axis: N"
+                    f"per_block block_size {show(bs)} must block exactly one axis; write block_size: 32 and axis: N"
                 )
-            object.__setattr__(self, "block_size", sizes[0])
-        if not isinstance(self.block_size, int) or self.block_size < 2:
-            raise ConfigError(f"per_block block_size must be an integer >= 2, got {self.block_size!r}")
+            bs = sizes[0]
+        if not _is_int(bs) or bs < 2:
+            raise ConfigError(f"per_block block_size must be an integer >= 2, got {show(self.block_size)}")
+        object.__setattr__(self, "block_size", int(bs))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "per_block", "axis": self.axis, "block_size": self.block_size}
 
 
-Granularity = Union[PerTensorGranularity, PerChannelGranularity, PerBlockGranularity]
+Granularity = PerTensorGranularity | PerChannelGranularity | PerBlockGranularity
 
 _GRANULARITY_TYPES: dict[str, type] = {
     "per_tensor": PerTensorGranularity,
@@ -108,16 +145,18 @@ def parse_granularity(value: Any) -> Granularity:
         value = {"type": value}
     if isinstance(value, Mapping):
         kind = value.get("type")
-        if kind not in _GRANULARITY_TYPES:
+        if not isinstance(kind, str) or kind not in _GRANULARITY_TYPES:
+            close = difflib.get_close_matches(kind, _GRANULARITY_TYPES, n=1) if isinstance(kind, str) else []
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                f"unknown granularity type {kind!r}; use one of: {', '.join(_GRANULARITY_TYPES)}"
+                f"unknown granularity type {show(kind)}{hint}; use one of: {', '.join(_GRANULARITY_TYPES)}"
             )
         cls = _GRANULARITY_TYPES[kind]
         fields = {f.name for f in dataclasses.fields(cls)}
-        extra = set(value) - fields - {"type"}
+        extra = _unknown_keys(value, fields | {"type"})
         if extra:
             raise ConfigError(
-                f"unknown key(s) {sorted(extra)} in {kind} granularity; valid keys: {sorted(fields | {'type'})}"
+                f"unknown key(s) {show(extra)} in {kind} granularity; valid keys: {sorted(fields | {'type'})}"
             )
         return cls(**{k: v for k, v in value.items() if k != "type"})
     # coreai_opt / pydantic granularity objects: read their fields.
@@ -126,7 +165,7 @@ def parse_granularity(value: Any) -> Granularity:
         if cls.__name__ == cls_name:
             kwargs = {f.name: getattr(value, f.name) for f in dataclasses.fields(cls) if hasattr(value, f.name)}
             return cls(**kwargs)
-    raise ConfigError(f"cannot read granularity {value!r}; write e.g. {{'type': 'per_channel', 'axis': 0}}")
+    raise ConfigError(f"cannot read granularity {show(value)}; write e.g. {{'type': 'per_channel', 'axis': 0}}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +207,17 @@ class QuantizationSpec:
             )
         set_(self, "qparam_calculator_cls", _calculator_name(self.qparam_calculator_cls))
         set_(self, "float_range", _parse_float_range(self.float_range))
-        if not isinstance(self.calculator_kwargs, Mapping):
-            raise ConfigError("calculator_kwargs must be a mapping, e.g. {averaging_constant: 0.01}")
-        set_(self, "calculator_kwargs", _FrozenDict(self.calculator_kwargs))
-        set_(self, "learnable_scale", bool(self.learnable_scale))
+        kwargs = self.calculator_kwargs
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise ConfigError(
+                f"calculator_kwargs must be a mapping of argument name -> value, e.g. {{averaging_constant: 0.01}}, "
+                f"got {show(kwargs)}"
+            )
+        set_(self, "calculator_kwargs", _FrozenDict(kwargs))
+        if not isinstance(self.learnable_scale, bool):
+            raise ConfigError(f"learnable_scale must be true or false, got {show(self.learnable_scale)}")
+        if kwargs:
+            _check_calculator_kwargs(self)
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: Any) -> QuantizationSpec:
@@ -196,13 +242,13 @@ class QuantizationSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantizationSpec:
         if not isinstance(data, Mapping):
-            raise ConfigError(f"a QuantizationSpec must be a mapping, got {data!r}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        extra = set(data) - valid
+            raise ConfigError(f"a QuantizationSpec must be a mapping, got {show(data)}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        extra = _unknown_keys(data, valid)
         if extra:
-            raise ConfigError(
-                f"unknown QuantizationSpec key(s) {sorted(extra)}; valid keys: {sorted(valid)}"
-            )
+            close = [m for k in extra if isinstance(k, str) for m in difflib.get_close_matches(k, valid, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown QuantizationSpec key(s) {show(extra)}{hint}; valid keys: {valid}")
         return cls(**dict(data))
 
 
@@ -224,23 +270,86 @@ def _calculator_name(value: Any) -> str:
     elif isinstance(value, type):
         name = getattr(value, "registered_name", None) or value.__name__
     else:
-        raise ConfigError(f"qparam_calculator_cls must be a name or a class, got {value!r}")
-    from qdq.calibration.base import QParamsCalculatorBase  # registry; import late (cycle)
-
+        raise ConfigError(f"qparam_calculator_cls must be a name or a class, got {show(value)}")
     if isinstance(value, type) and getattr(value, "registered_name", None) is None:
         raise ConfigError(
             f"calculator class {value.__name__} is not registered; decorate it with "
             f"@QParamsCalculatorBase.register('name')"
         )
-    QParamsCalculatorBase.check_name(name)
+    if not name.isprintable():
+        raise ConfigError(f"unknown qparam_calculator_cls {show(value)}; registered: {', '.join(registry.names())}")
+    if name != "default" and registry.get(name) is None:
+        close = registry.close_matches(name)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown qparam_calculator_cls '{name}'{hint}; registered: {', '.join(registry.names())} "
+                          "(register your own with @QParamsCalculatorBase.register)")
     return name
+
+
+def _init_arguments(klass: type) -> tuple[set[str], bool]:
+    """Keyword arguments the calculator class accepts beyond (spec, layout), and whether that list is final.
+
+    Walks the MRO because calculators pass ``**kwargs`` on to their base; the list is final when
+    the chain ends at a base that takes no ``**kwargs`` of its own use (QParamsCalculatorBase).
+    """
+    names: set[str] = set()
+    for base in klass.__mro__:
+        init = base.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self", "spec", "layout"}, True
+        if base.__name__ == "QParamsCalculatorBase":  # takes **kwargs only to reject them
+            return names - {"self", "spec", "layout"}, True
+    return names - {"self", "spec", "layout"}, False
+
+
+def _check_calculator_kwargs(spec: QuantizationSpec) -> None:
+    """Unknown or invalid ``calculator_kwargs`` are config errors now, not failures during calibration.
+
+    ``default`` may become ``static`` (weights) or ``moving_average`` (activations): the kwargs must
+    suit one of them. Values are checked by building the calculator once on a per-tensor layout.
+    """
+    from qdq.layout import QLayout
+
+    name = spec.qparam_calculator_cls
+    candidates = ["moving_average", "static"] if name == "default" else [name]
+    given = sorted(spec.calculator_kwargs)
+    accepted: set[str] = set()
+    for candidate in candidates:
+        klass = registry.get(candidate)
+        if klass is None:
+            return
+        names, final = _init_arguments(klass)
+        accepted |= names
+        if final and not set(given) <= names:
+            continue
+        try:
+            klass(spec, QLayout(), **dict(spec.calculator_kwargs))
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as exc:  # a wrong value type, e.g. averaging_constant: [1]
+            raise ConfigError(
+                f"calculator '{candidate}': invalid calculator_kwargs {show(dict(spec.calculator_kwargs))} "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+            ) from None
+        return
+    unknown = [k for k in given if k not in accepted]
+    close = [m for k in unknown for m in difflib.get_close_matches(k, accepted, n=1)]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(
+        f"calculator '{name}' does not take calculator_kwargs {show(unknown)}{hint}; "
+        f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
+    )
 
 
 def _parse_float_range(value: Any) -> tuple[float | None, float | None] | None:
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ConfigError(f"float_range must be [min, max] (either may be null), got {value!r}")
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(v is None or _is_number(v) for v in value):
+        raise ConfigError(f"float_range must be [min, max] of numbers (either may be null), got {show(value)}")
     lo, hi = (None if v is None else float(v) for v in value)
     if lo is None and hi is None:
         return None
