@@ -265,7 +265,14 @@ class QuantizerConfig:
             if path.is_dir():
                 raise ConfigError(f"{label} is a folder; pass the YAML file itself")
             if not path.is_file():
-                raise ConfigError(f"{label} not found; pass an existing YAML file")
+                hint = ""
+                if path.suffix.lower() not in (".yaml", ".yml") and len(path.parts) == 1:
+                    from qdq.presets import PRESETS  # presets import this module: import late
+
+                    close = difflib.get_close_matches(text, PRESETS, n=1)
+                    hint = (f" and '{text}' is no preset{f' (did you mean {close[0]}?)' if close else ''}; "
+                            f"presets: {', '.join(PRESETS)}")
+                raise ConfigError(f"{label} not found{hint}; pass an existing YAML file")
             try:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:

@@ -119,3 +119,78 @@ def test_coreai_opt_objects_mean_the_same() -> None:
     theirs = cao.QuantizerConfig(global_config=cao.ModuleQuantizerConfig(op_input_spec={"*": spec}))
     ours = QuantizerConfig(global_config=theirs.global_config)
     assert ours.global_config.op_input_spec["*"].qscheme is QScheme.ASYMMETRIC
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"float_range": ["low", 1.0]}, "float_range"),
+    ({"float_range": [True, 1.0]}, "float_range"),
+    ({"learnable_scale": "no"}, "learnable_scale"),
+    ({"granularity": {"type": "per_channel", "axis": "0"}}, "axis"),
+    ({"granularity": {"type": "per_block", "block_size": ["a", 32]}}, "block_size"),
+    ({"granularity": {"type": ["per_tensor"]}}, "granularity type"),
+    ({"granularity": {"type": "per_chanel"}}, "did you mean per_channel"),
+    ({"dtype": {"name": "int8"}}, "dtype"),
+    ({"dtype": [1, 2]}, "dtype"),
+    ({"qscheme": ["symmetric"]}, "qscheme"),
+    ({"calculator_kwargs": {"averaging": 0.1}}, "did you mean averaging_constant"),
+    ({"qparam_calculator_cls": "static", "calculator_kwargs": {"averaging_constant": 0.1}}, "accepts: none"),
+    ({"qparam_calculator_cls": "moving_average", "calculator_kwargs": {"averaging_constant": [0.1]}},
+     "invalid calculator_kwargs"),
+    ({"calculator_kwargs": {1: 0.1}}, "calculator_kwargs"),
+    ({"qparam_calculator_cls": "global_minmax\nstatic"}, "qparam_calculator_cls"),
+    ({0: "int8"}, "unknown QuantizationSpec key"),
+])
+def test_wrong_value_types_are_one_line_config_errors(spec: dict, needle: str) -> None:
+    """Every wrong type in a spec is a ConfigError naming the key, never a TypeError/ValueError from deep inside."""
+    with pytest.raises(ConfigError, match=needle) as info:
+        QuantizationSpec.from_dict(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_calculator_kwargs_are_kept_when_valid() -> None:
+    spec = QuantizationSpec(qparam_calculator_cls="percentile", calculator_kwargs={"percentile": 99.9})
+    assert spec.calculator_kwargs == {"percentile": 99.9}
+    assert QuantizationSpec(calculator_kwargs={"averaging_constant": 0.5}).calculator_kwargs["averaging_constant"] == 0.5
+    with pytest.raises(ConfigError, match="percentile"):
+        QuantizationSpec(qparam_calculator_cls="percentile", calculator_kwargs={"percentile": 10})
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "is empty"),
+    ("# just a comment\n", "is empty"),
+    ("null\n", "is empty"),
+    ("- global_config\n", "got a list"),
+    ("int8\n", "use --preset"),
+    ("bias_correction: !!float abc\n", "not valid YAML"),
+    ("global_config: !!python/object/apply:os.getcwd []\n", "not valid YAML"),
+    ("a: 1\n\x07\n", "not valid YAML"),
+    ("qat_schedule: {enable_fake_quant: -1}\n", "qat_schedule.enable_fake_quant"),
+    ("qat_schedule: {warmup: 3}\n", "unknown qat_schedule key"),
+])
+def test_yaml_files_that_are_not_configs(tmp_path, text: str, needle: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle) as info:
+        QuantizerConfig.from_yaml(path)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_paths_that_are_not_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="is a folder"):
+        QuantizerConfig.from_yaml(tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        QuantizerConfig.from_yaml(tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match="did you mean int8"):
+        QuantizerConfig.from_yaml("int9")
+
+
+def test_nested_op_configs_round_trip() -> None:
+    """coreai_opt-style op_type_config inside global_config lands in op_type_configs, and to_dict/from_dict agree."""
+    cfg = QuantizerConfig.from_dict({"global_config": {"op_type_config": {"Gemm": None}},
+                                     "qat_schedule": {"milestones": (0, 1, None, None)}})
+    assert cfg.op_type_configs == {"Gemm": None}
+    assert cfg.global_config.op_type_config == {}
+    assert cfg.qat_schedule == {"milestones": [0, 1, None, None]}
+    assert QuantizerConfig.from_dict(cfg.to_dict()) == cfg
+    assert QuantizerConfig.from_yaml(cfg.to_yaml()) == cfg
