@@ -120,13 +120,16 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def run_cli(capsys, argv: Sequence[str]) -> tuple[int, str, str]:
-    """Run ``qdq`` in-process (argparse's SystemExit becomes the exit code); returns (code, stdout, stderr)."""
+def run_cli(capfd, argv: Sequence[str]) -> tuple[int, str, str]:
+    """Run ``qdq`` in-process (argparse's SystemExit becomes the exit code); returns (code, stdout, stderr).
+
+    ``capfd`` (not capsys) so that what onnx/onnxruntime print from C++ counts too: users see it.
+    """
     try:
         code = main(list(argv))
     except SystemExit as exc:  # argparse usage errors
         code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     return code, out, err
 
 
@@ -143,7 +146,7 @@ def assert_one_error_line(err: str, words: Words) -> None:
         assert any(o.lower() in low for o in options), f"error line does not name {options!r}: {line}"
 
 
-def assert_cli_error(capsys, root: Path, argv: Sequence[str], *, code: int, words: Words,
+def assert_cli_error(capfd, root: Path, argv: Sequence[str], *, code: int, words: Words,
                      output: Path | None = None, extra_roots: Sequence[Path] = ()) -> str:
     """Run ``qdq --quiet <argv>`` and check the whole user-mistake contract; returns the error line.
 
@@ -153,9 +156,10 @@ def assert_cli_error(capsys, root: Path, argv: Sequence[str], *, code: int, word
     roots = [root, *extra_roots]
     before = [snapshot(r) for r in roots]
     existed = output is not None and (output.exists() or output.is_symlink())
-    got, _, err = run_cli(capsys, ["--quiet", *argv])
+    got, out, err = run_cli(capfd, ["--quiet", *argv])
     assert got == code, f"exit code {got}, expected {code}; stderr: {err}"
     assert_one_error_line(err, words)
+    assert out == "", f"--quiet printed to stdout: {out}"
     if output is not None and not existed:
         assert not output.exists(), f"{output} was written despite the error"
     for r, snap in zip(roots, before):

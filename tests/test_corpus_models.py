@@ -230,18 +230,18 @@ MODEL_CASES: dict[str, tuple[Callable[[Path], Path], Words]] = {
 
 
 @pytest.mark.parametrize("build, words", MODEL_CASES.values(), ids=MODEL_CASES.keys())
-def test_bad_model(capsys, tmp_path: Path, build: Callable[[Path], Path], words: Words) -> None:
+def test_bad_model(capfd, tmp_path: Path, build: Callable[[Path], Path], words: Words) -> None:
     model = build(tmp_path)
     calib = _calib(tmp_path)
     out = tmp_path / "q.onnx"
-    assert_cli_error(capsys, tmp_path, ["quantize", str(model), "-o", str(out), "--calib-data", str(calib)],
+    assert_cli_error(capfd, tmp_path, ["quantize", str(model), "-o", str(out), "--calib-data", str(calib)],
                      code=1, words=words, output=out)
 
 
-def test_bad_model_inspect_is_one_line_too(capsys, tmp_path: Path) -> None:
+def test_bad_model_inspect_is_one_line_too(capfd, tmp_path: Path) -> None:
     """`qdq inspect` reads models through the same checks."""
     model = _dangling_input(tmp_path)
-    assert_cli_error(capsys, tmp_path, ["inspect", str(model)], code=1, words=["ghost_tensor"])
+    assert_cli_error(capfd, tmp_path, ["inspect", str(model)], code=1, words=["ghost_tensor"])
 
 
 # ----------------------------------------------------------------------------- unusual but valid models
@@ -272,7 +272,7 @@ VALID_CASES: dict[str, Callable[[Path], Path]] = {
 
 
 @pytest.mark.parametrize("build", VALID_CASES.values(), ids=VALID_CASES.keys())
-def test_unusual_model_quantizes(capsys, tmp_path: Path, build: Callable[[Path], Path]) -> None:
+def test_unusual_model_quantizes(capfd, tmp_path: Path, build: Callable[[Path], Path]) -> None:
     """Models a user meets in model zoos: quantized with default options, input untouched, output valid."""
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -280,7 +280,7 @@ def test_unusual_model_quantizes(capsys, tmp_path: Path, build: Callable[[Path],
     calib = _calib(inputs)
     before = snapshot(inputs)
     out = tmp_path / "q.onnx"
-    code, _, err = run_cli(capsys, ["--quiet", "quantize", str(model), "-o", str(out), "--calib-data", str(calib)])
+    code, _, err = run_cli(capfd, ["--quiet", "quantize", str(model), "-o", str(out), "--calib-data", str(calib)])
     assert code == 0, err
     assert err == ""
     assert snapshot(inputs) == before
