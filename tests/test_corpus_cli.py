@@ -153,6 +153,13 @@ OPTION_CASES: dict[str, tuple[Callable[[Path], Argv], Words]] = {
     "missing-output-option": (lambda d: _q(d)[:2] + _q(d)[4:], ["-o"]),
     "unknown-option": (lambda d: _q(d, "--bits", "4"), ["--bits"]),
     "unknown-command": (lambda d: ["quantise", str(_conv(d))], ["quantise"]),
+    "activations-without-calib-data": (lambda d: _q(d)[:4], ["--calib-data"]),
+    "export-factory-malformed": (lambda d: ["export", "--model", "models.tiny", "-o", str(d / "q.onnx")],
+                                 ["models.tiny", "module:factory"]),
+    "export-factory-missing": (lambda d: ["export", "--model", "models.nothere:factory", "-o", str(d / "q.onnx")],
+                               ["models.nothere"]),
+    "inspect-bad-config": (lambda d: ["inspect", str(_conv(d)), "--config", str(d / "nothere.yaml")],
+                           ["nothere.yaml"]),
 }
 
 

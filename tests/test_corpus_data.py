@@ -205,6 +205,15 @@ def _token_ids_out_of_vocab(d: Path) -> Argv:  # ids beyond the 10-row embedding
     return _q(d, model, _npy(d, "ids.npy", np.full((8, 5), 1000, np.int64)))
 
 
+def _npz_pickled_member(d: Path) -> Argv:
+    arr = np.empty((2, 3, 8, 8), dtype=object)
+    arr[...] = 0.0
+    arr[0, 0, 0, 0] = _OpensFile(d / "pwned")
+    path = d / "pickled.npz"
+    np.savez(path, pixels=arr)  # savez pickles object arrays
+    return _q(d, _conv(d), path)
+
+
 def _missing_data(d: Path) -> Argv:
     return _q(d, _conv(d), d / "nothere.npy")
 
@@ -248,6 +257,7 @@ DATA_CASES: dict[str, tuple[Callable[[Path], Argv], Words]] = {
     "corrupt-npz": (_corrupt_npz, ["bad.npz"]),
     "truncated-npz": (_truncated_npz, ["cut.npz"]),
     "npz-member-not-npy": (_npz_bad_member, ["member.npz"]),
+    "npz-pickled-object-member": (_npz_pickled_member, ["pickled.npz", ("pickle", "object")]),
     "npz-missing-input": (_npz_missing_input, ["calib.npz", "right"]),
     "npz-no-array-named-like-input": (_npz_no_matching_name, ["calib.npz", "pixels"]),
     "npz-sample-counts-differ": (_npz_sample_counts_differ, ["left", "right"]),
@@ -321,6 +331,12 @@ def _compare_quant_model_missing(d: Path) -> Argv:
     return argv
 
 
+def _compare_models_differ(d: Path) -> Argv:  # the "quantized" model is of another network
+    argv = _compare(d, None)
+    argv[2] = str(save_model(conv_model(), d / "other.onnx"))
+    return argv
+
+
 def _compare_data_wrong_shape(d: Path) -> Argv:
     argv = _compare(d, None)
     np.save(d / "eval.npy", np.ones((6, 12), np.float32))
@@ -337,6 +353,7 @@ LABEL_CASES: dict[str, tuple[Callable[[Path], Argv], Words]] = {
     "labels-empty-file": (_labels_empty_text, ["labels.txt", "empty"]),
     "compare-quant-model-missing": (_compare_quant_model_missing, ["q_missing.onnx", "not found"]),
     "compare-data-wrong-shape": (_compare_data_wrong_shape, ["features"]),
+    "compare-models-have-different-inputs": (_compare_models_differ, ["pixels", "features"]),
 }
 
 
@@ -375,6 +392,28 @@ def _ragged_folder(d: Path) -> Argv:  # files of different sample counts, last b
     return _q(d, _conv(d), folder, "--batch-size", "4")
 
 
+def _big_endian(d: Path) -> Argv:
+    return _q(d, _conv(d), _npy(d, "calib.npy", _pixels().astype(">f4")))
+
+
+def _float16_data(d: Path) -> Argv:
+    return _q(d, _conv(d), _npy(d, "calib.npy", _pixels().astype(np.float16)))
+
+
+def _more_samples_asked_than_present(d: Path) -> Argv:
+    return _q(d, _conv(d), _npy(d, "calib.npy", _pixels(4)), "--num-samples", "100")
+
+
+def _grayscale_images(d: Path) -> Argv:
+    from PIL import Image
+
+    folder = d / "calib"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(_rng(i).integers(0, 256, (10, 14), dtype=np.uint8), mode="L").save(folder / f"g_{i}.png")
+    return _q(d, _conv(d), folder)
+
+
 def _image_folder(d: Path) -> Argv:
     return _q(d, _conv(d), _images(d / "calib", size=20))
 
@@ -385,6 +424,10 @@ VALID_CASES: dict[str, Callable[[Path], Argv]] = {
     "int64-token-ids": _int64_token_ids,
     "ragged-folder": _ragged_folder,
     "image-folder-resized": _image_folder,
+    "grayscale-images-for-rgb-model": _grayscale_images,
+    "big-endian-float32": _big_endian,
+    "float16-data-for-float32-model": _float16_data,
+    "num-samples-beyond-data": _more_samples_asked_than_present,
 }
 
 
