@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qdq.errors import ConfigError, ModelError, first_line
+from qdq.errors import ConfigError, DataError, ModelError, first_line
+from qdq.model_inputs import ModelInputs, iter_chunks, join_outputs
 from qdq.model_io import external_data_dir
 
-__all__ = ["DEFAULT_PROVIDERS", "OPT_LEVELS", "make_session", "opt_level", "session_options"]
+__all__ = ["DEFAULT_PROVIDERS", "OPT_LEVELS", "make_session", "opt_level", "ort_feeds", "run", "run_batched",
+           "session_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,24 +59,27 @@ def session_options(level: str = "all") -> ort.SessionOptions:
 
 
 def make_session(model: Any, *, level: str = "all", threads: int = 0, arena: bool = True,
-                 extra_outputs: Sequence[str] = (), providers: Sequence[str] | None = None) -> ort.InferenceSession:
+                 extra_outputs: Sequence[str] = (), providers: Sequence[str] | None = None,
+                 label: str | None = None) -> ort.InferenceSession:
     """An onnxruntime session of ``model`` (path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
 
     ``extra_outputs``: names of intermediate tensors to fetch as well (appended as graph outputs;
     the input model is not modified). ``threads``: intra-op threads (0 = onnxruntime's choice).
     ``arena=False``: activations are malloc'ed and freed per run instead of kept in an arena.
+    ``label`` names the model in errors (e.g. "quantized model").
     """
     opts = session_options(level)
     opts.intra_op_num_threads = threads
     opts.enable_cpu_mem_arena = arena
     provs = list(providers or DEFAULT_PROVIDERS)
     extra = list(dict.fromkeys(extra_outputs))
-    label = f"model {model}" if isinstance(model, (str, os.PathLike)) else "model"
+    if label is None:
+        label = f"model {model}" if isinstance(model, (str, os.PathLike)) else "model"
     try:
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if not path.is_file():
-                raise ModelError(f"model file not found: {path}")
+                raise ModelError(f"{'model file' if label.startswith('model ') else label} not found: {path}")
             if not extra:
                 return ort.InferenceSession(str(path), opts, providers=provs)
             try:
@@ -96,6 +102,46 @@ def make_session(model: Any, *, level: str = "all", threads: int = 0, arena: boo
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the {label}: {first_line(exc)}") from exc
     raise ModelError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def ort_feeds(feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``feeds`` as onnxruntime's ``run`` takes them: bfloat16 arrays (ml_dtypes) become OrtValues."""
+    out: dict[str, Any] = {}
+    for name, x in feeds.items():
+        if x.dtype.name == "bfloat16":  # onnxruntime's numpy bridge has no bfloat16: pass the raw bits
+            out[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(x).view(np.uint16), onnx.TensorProto.BFLOAT16)
+        else:
+            out[name] = x
+    return out
+
+
+def run(session: ort.InferenceSession, fetch: Sequence[str] | None, feeds: Mapping[str, np.ndarray], *,
+        start: int = 0) -> list[np.ndarray]:
+    """``session.run`` with onnxruntime's failures as one DataError line naming the batch and its shapes."""
+    try:
+        return session.run(None if fetch is None else list(fetch), ort_feeds(feeds))
+    except Exception as exc:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in feeds.items())
+        raise DataError(f"onnxruntime failed on the batch at sample {start} ({shapes}): {first_line(exc)}; "
+                        "check the data matches the model inputs") from exc
+
+
+def run_batched(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], inputs: ModelInputs,
+                fetch: Sequence[str] | None = None, *, start: int = 0) -> list[np.ndarray]:
+    """Run checked ``feeds`` (see :meth:`ModelInputs.feeds`) in runs of the model's static batch.
+
+    A short remainder is padded with copies of real samples; the copies are dropped from the
+    outputs (where an output's dim 0 is the batch), which are joined along dim 0.
+    """
+    names = [o.name for o in session.get_outputs()] if fetch is None else list(fetch)
+    parts = []
+    for chunk in iter_chunks(feeds, inputs):
+        outs = run(session, names, chunk.feeds, start=start + chunk.start)
+        if chunk.padded != chunk.real:
+            outs = [o[:chunk.real] if o.ndim and o.shape[0] == chunk.padded else o for o in outs]
+        parts.append((chunk, outs))
+    return join_outputs(names, parts)
 
 
 def _with_outputs(proto: onnx.ModelProto, extra: Sequence[str], label: str) -> bytes:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from qdq import data
+from qdq.data import arrays as disk
 from qdq.data import image_labels, labels_from_file, open_data
 from qdq.errors import ConfigError, DataError
 
@@ -17,7 +18,7 @@ def _collect(source: data.DataSource, batch_size: int) -> list[dict[str, np.ndar
     out = list(source.batches(batch_size))
     for b in out:
         for v in b.values():
-            assert v.dtype == np.float32 and v.flags.c_contiguous and not isinstance(v, np.memmap)
+            assert v.dtype in (np.float32, np.int64) and v.flags.c_contiguous and not isinstance(v, np.memmap)
     return out
 
 
@@ -60,21 +61,23 @@ def test_npz_uncompressed_members_are_memory_mapped(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(7, 3)).astype(np.float32), rng.integers(0, 9, size=(7, 2, 2))
     np.savez(tmp_path / "d.npz", a=a, b=b, extra=np.zeros(3))
-    with data._open_arrays(tmp_path / "d.npz") as arrays:
-        assert isinstance(arrays["a"], data._MappedArray) and isinstance(arrays["a"].array, np.memmap)
+    with disk.open_arrays(tmp_path / "d.npz") as arrays:
+        assert isinstance(arrays["a"], disk.MappedArray) and isinstance(arrays["a"].array, np.memmap)
     src = open_data(tmp_path / "d.npz", ["a", "b"])
     batches = _collect(src, 3)
     assert [x["a"].shape[0] for x in batches] == [3, 3, 1]
     np.testing.assert_array_equal(_cat(batches, "a"), a)
-    np.testing.assert_array_equal(_cat(batches, "b"), b.astype(np.float32))  # int auto-cast
+    got = _cat(batches, "b")  # without the model's signature integers are served as stored
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, b)
 
 
 @pytest.mark.parametrize("fortran", [False, True])
 def test_npz_compressed_is_streamed(tmp_path: Path, fortran: bool) -> None:
     a = np.random.default_rng(2).normal(size=(9, 4, 3)).astype(np.float32)
     np.savez_compressed(tmp_path / "d.npz", a=np.asfortranarray(a) if fortran else a)
-    with data._open_arrays(tmp_path / "d.npz") as arrays:
-        assert isinstance(arrays["a"], data._ZipStreamArray)
+    with disk.open_arrays(tmp_path / "d.npz") as arrays:
+        assert isinstance(arrays["a"], disk.ZipStreamArray)
     src = open_data(tmp_path / "d.npz", ["a"])
     for _ in range(2):  # re-iterable
         np.testing.assert_array_equal(_cat(_collect(src, 4), "a"), a)

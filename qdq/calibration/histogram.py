@@ -8,10 +8,12 @@ histogram ``x``. Per-tensor layouts only: per-channel activation histograms woul
 the memory and the search cost by the channel count.
 
 Rebinning: bins live on a grid anchored at 0 that always covers 0, bin ``k`` being
-``[k * width, (k + 1) * width)``. When a batch falls outside the histogram, the width grows
-by a power of two ``2**f`` and old bin ``k`` merges into bin ``k >> f``: old bins nest
-exactly in the new ones, so no count is lost or smeared, and the resolution stays within a
-factor 2 of the best one for the range seen so far.
+``[k * width, (k + 1) * width)`` with ``width`` a power of two. When a batch falls outside the
+histogram, the width grows by a power of two ``2**f`` and old bin ``k`` merges into bin
+``k >> f``: old bins nest exactly in the new ones, so no count is lost or smeared. The final
+grid is the finest power-of-two grid that holds every value seen, whatever the order and the
+split of the batches (a batch fed whole or in chunks gives the same histogram), and its
+resolution is within a factor 2 of the best one for the range seen.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = ["EntropyCalculator", "MSECalculator", "PercentileCalculator"]
 
 _CHUNK = 1 << 16  # elements binned at a time: the scratch buffers (~1.3 MB) stay in cache
 _LANES = 4  # interleaved sub-histograms (see _Histogram.add)
-_MIN_WIDTH = 1e-30  # bin width for an all-zero first batch (grown on the first non-zero batch)
+_MIN_WIDTH = 2.0**-100  # bin width for an all-zero first batch (grown on the first non-zero batch)
 _KL_EPS = 1e-4  # Q count given to an empty bin that receives clipped outliers
 
 
@@ -113,7 +115,12 @@ class _Histogram:
         nb = self.num_bins
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         if self.empty:
-            self.width = max((hi - lo) / (nb - 1), _MIN_WIDTH)  # nb - 1: floor(hi/w) - floor(lo/w) < nb
+            # The smallest power-of-two width that fits: widths stay powers of two when the grid grows,
+            # so the final grid (and every count) does not depend on how the data was split into chunks.
+            w = 2.0 ** math.ceil(math.log2(max((hi - lo) / (nb - 1), _MIN_WIDTH)))  # nb - 1: always fits
+            while w / 2 >= _MIN_WIDTH and math.floor(hi / (w / 2)) - math.floor(lo / (w / 2)) < nb:
+                w /= 2
+            self.width = w
             self.start = math.floor(lo / self.width)
             return
         occupied = np.flatnonzero(self.counts)

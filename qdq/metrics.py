@@ -1,0 +1,207 @@
+"""Accuracy metrics of a quantized model's outputs against FP32, streamed batch by batch, and the report.
+
+Per output: SQNR (signal power ``sum(ref**2)`` over noise power ``sum((ref - quant)**2)``, in
+dB), mean per-sample cosine similarity, largest absolute difference, top-1 agreement where the
+output looks like class scores ([N, classes]) and, given labels, both models' top-1 accuracy.
+Accumulators keep a few float64 sums, never the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qdq.errors import ModelError
+
+__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "OutputMetrics", "Sqnr", "sqnr_db", "top1"]
+
+logger = logging.getLogger(__name__)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio ``10*log10(sum(ref^2) / sum((ref-test)^2))`` in dB (inf if equal)."""
+    acc = Sqnr()
+    acc.update(np.asarray(ref), np.asarray(test))
+    return acc.db
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+class Sqnr:
+    """Running signal and noise power (float64) plus the largest absolute difference."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.max_abs = 0.0
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if ref.shape != test.shape:
+            raise ModelError(f"reference shape {ref.shape} != quantized shape {test.shape}; compare the same model")
+        r = ref.astype(np.float64, copy=False).ravel()
+        d = r - test.astype(np.float64, copy=False).ravel()
+        self.signal += float(np.dot(r, r))
+        self.noise += float(np.dot(d, d))
+        if d.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
+
+    @property
+    def db(self) -> float:
+        return _db(self.signal, self.noise)
+
+
+def top1(x: np.ndarray) -> np.ndarray | None:
+    """Argmax per sample for outputs that look like class scores ([N, classes], 2+ float classes), else None."""
+    if x.ndim != 2 or x.shape[-1] < 2 or x.dtype.kind != "f":
+        return None
+    return np.argmax(x, axis=-1)
+
+
+class Cosine:
+    """Mean over samples of the cosine similarity between FP32 and quantized outputs (flattened per sample).
+
+    Two all-zero samples count as 1, one all-zero sample against a non-zero one as 0. ``samples``
+    is the batch's sample count: an output whose dim 0 is not that (a scalar, a pooled vector)
+    counts as one sample per batch.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, ref: np.ndarray, test: np.ndarray, samples: int) -> None:
+        rows = samples if ref.ndim and ref.shape[0] == samples and samples > 0 else 1
+        r = ref.astype(np.float64, copy=False).reshape(rows, -1)
+        t = test.astype(np.float64, copy=False).reshape(rows, -1)
+        dot = np.einsum("ij,ij->i", r, t)
+        norms = np.sqrt(np.einsum("ij,ij->i", r, r) * np.einsum("ij,ij->i", t, t))
+        both_zero = norms == 0
+        cos = np.where(both_zero, 0.0, dot / np.where(both_zero, 1.0, norms))
+        zr, zt = ~r.any(axis=1), ~t.any(axis=1)
+        cos = np.where(zr & zt, 1.0, cos)
+        self.total += float(np.clip(cos, -1.0, 1.0).sum())
+        self.count += rows
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+class Counter:
+    """Matches over comparisons, e.g. top-1 agreement or correct predictions."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.total = 0
+
+    def update(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.hits += int(np.count_nonzero(a == b))
+        self.total += int(a.size)
+
+    @property
+    def rate(self) -> float | None:
+        return self.hits / self.total if self.total else None
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """One model output: SQNR, cosine, top-1 agreement and (with labels) both accuracies, rates in 0..1."""
+
+    name: str
+    sqnr_db: float
+    max_abs_diff: float
+    top1_agreement: float | None = None  #: None when the output is not class scores [N, classes]
+    fp32_accuracy: float | None = None  #: None without labels or when the output is not [N, classes]
+    quant_accuracy: float | None = None
+    cosine: float | None = None  #: mean per-sample cosine similarity of FP32 and quantized outputs
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """One quantized activation: FP32 tensor ``name`` vs its QuantizeLinear->DequantizeLinear output."""
+
+    name: str
+    sqnr_db: float
+    max_abs_diff: float
+    node: str  #: the QuantizeLinear node
+
+
+@dataclass
+class CompareReport:
+    """Result of :func:`compare`; ``layers`` is sorted worst (lowest SQNR) first."""
+
+    num_samples: int
+    outputs: list[OutputMetrics]
+    layers: list[LayerMetrics] = field(default_factory=list)
+    skipped_layers: list[str] = field(default_factory=list)  #: quantized tensors missing from the FP32 model
+    optimization: str = "all"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; non-finite floats become the strings "inf", "-inf", "nan"."""
+        return _json_safe(asdict(self))
+
+    def format(self) -> str:
+        """Readable text tables: per output, then per quantized activation (worst first)."""
+        lines = [(f"compared {self.num_samples} samples (onnxruntime {', '.join(self.providers)}, "
+                 f"graph optimization: {self.optimization})")]
+        has_acc = any(o.fp32_accuracy is not None for o in self.outputs)
+        head = ["output", "SQNR dB", "cosine", "top-1 agree", "max |diff|"]
+        head += ["FP32 acc", "quant acc", "delta"] if has_acc else []
+        rows = []
+        for o in self.outputs:
+            cos = "-" if o.cosine is None else f"{o.cosine:.4f}"
+            row = [o.name, _fmt_db(o.sqnr_db), cos, _fmt_pct(o.top1_agreement), f"{o.max_abs_diff:.4g}"]
+            if has_acc:
+                delta = (None if o.fp32_accuracy is None or o.quant_accuracy is None
+                         else o.quant_accuracy - o.fp32_accuracy)
+                row += [_fmt_pct(o.fp32_accuracy), _fmt_pct(o.quant_accuracy),
+                        "-" if delta is None else f"{100 * delta:+.2f} pt"]
+            rows.append(row)
+        lines += _table(head, rows)
+        if self.layers:
+            lines += ["", f"per-layer SQNR, worst first ({len(self.layers)} quantized activations):"]
+            lines += _table(["tensor", "SQNR dB", "max |diff|", "QuantizeLinear"],
+                            [[m.name, _fmt_db(m.sqnr_db), f"{m.max_abs_diff:.4g}", m.node] for m in self.layers])
+        if self.skipped_layers:
+            lines.append(f"not in the FP32 model, skipped: {', '.join(self.skipped_layers)}")
+        return "\n".join(lines)
+
+
+def _fmt_db(x: float) -> str:
+    return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:.2f}"
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned numbers."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return [line(head), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
