@@ -19,9 +19,10 @@ import onnx_ir as ir
 from qdq.backends import ExportBackend, check_capabilities
 from qdq.calibration.base import QParamsCalculatorBase
 from qdq.calibration.channel_mean import ChannelMean
-from qdq.calibration.runner import CalibrationRunner, as_feeds, make_session
+from qdq.calibration.runner import CalibrationRunner
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, DataError, ModelError
+from qdq.model_inputs import model_inputs
 from qdq.model_io import load_model
 from qdq.passes.annotate import annotate
 from qdq.passes.bias_correction import BiasCorrectionPass, bias_correction_sites
@@ -29,6 +30,7 @@ from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.progress import progress_bar
 from qdq.qparams import QParams
+from qdq.session import make_session, run_batched
 
 __all__ = ["Quantizer", "PreparedModel", "as_config", "finalize_model"]
 
@@ -161,10 +163,14 @@ class Quantizer:
                 by_tensor.setdefault(tensor, []).append(mean)
         return by_tensor
 
-    def _observe(self, batch: Any) -> list[np.ndarray]:
+    def _observe(self, batch: Any, *, outputs: bool = False) -> list[np.ndarray]:
+        """Feed one calibration batch (checked against the model inputs before any session is built)."""
+        inputs = model_inputs(self.float_model)
+        feeds = inputs.feeds(batch, "calibration batch")
         if self._runner is None:
-            self._runner = CalibrationRunner(self.float_model, self._activation_calculators(), outputs=True)
-        outs = self._runner.observe(batch)
+            self._runner = CalibrationRunner(self.float_model, self._activation_calculators(), outputs=True,
+                                             inputs=inputs)
+        outs = self._runner.observe(feeds, outputs=outputs)
         self._qdq_cache = None
         self._session = None
         return outs
@@ -232,10 +238,11 @@ class Quantizer:
 
     def run(self, batch: Any) -> list[np.ndarray]:
         """Run the fake-quantized model in onnxruntime: float compute on dequantized values, no graph rewrites."""
+        inputs = model_inputs(self.float_model)
+        feeds = inputs.feeds(batch)
         if self._session is None:
             self._session = make_session(self.qdq_model(), level="none")  # exact reference semantics: no QDQ rewrites
-        feeds = as_feeds(batch, self.input_names)
-        return self._session.run(None, feeds)
+        return run_batched(self._session, feeds, inputs)
 
     def finalize(self, backend: Any = ExportBackend.ONNXRuntime) -> ir.Model:
         """The QDQ model legalized for ``backend`` (a new ``onnx_ir.Model``; save with ``qdq.save``)."""
@@ -268,7 +275,7 @@ class PreparedModel:
     def __call__(self, *inputs: Any, **named: Any) -> Any:
         q = self.quantizer
         batch: Any = named if named else (inputs[0] if len(inputs) == 1 else inputs)
-        outs = q._observe(batch) if q._calibrating else q.run(batch)
+        outs = q._observe(batch, outputs=True) if q._calibrating else q.run(batch)
         return outs[0] if len(outs) == 1 else outs
 
     @property
