@@ -4,6 +4,7 @@
 |----------------------|-------------------------------------------|---------------------------------------|
 | `int8` (default)     | int8 per-channel symmetric, `static`      | int8 per-tensor, `moving_average`     |
 | `int8-global-minmax` | int8 per-channel symmetric, `static`      | int8 per-tensor, `global_minmax`      |
+| `int8-asymmetric`    | int8 per-channel symmetric, `static`      | int8 per-tensor asymmetric, `global_minmax` (onnxruntime's U8S8 grid) |
 | `fp8`                | float8_e4m3fn per-channel, `static`       | float8_e4m3fn per-tensor, `global_minmax` |
 | `w8`                 | int8 per-channel symmetric, `static`      | float (weight-only)                   |
 | `w4`                 | int4 per-block (block 32), `static`       | float (weight-only)                   |
@@ -26,8 +27,8 @@ from qdq.spec import PerBlockGranularity, PerChannelGranularity, QuantizationSpe
 __all__ = ["PRESETS", "preset"]
 
 
-def _w8a8(calculator: str) -> QuantizerConfig:
-    act = QuantizationSpec(dtype="int8", qparam_calculator_cls=calculator)
+def _w8a8(calculator: str, qscheme: str = "symmetric") -> QuantizerConfig:
+    act = QuantizationSpec(dtype="int8", qparam_calculator_cls=calculator, qscheme=qscheme)
     return QuantizerConfig(global_config=ModuleQuantizerConfig(op_input_spec={"*": act}, op_output_spec={"*": act}))
 
 
@@ -46,6 +47,7 @@ def _weight_only(weight: QuantizationSpec) -> QuantizerConfig:
 PRESETS: dict[str, Callable[[], QuantizerConfig]] = {
     "int8": QuantizerConfig,  # the seed's default
     "int8-global-minmax": lambda: _w8a8("global_minmax"),
+    "int8-asymmetric": lambda: _w8a8("global_minmax", "asymmetric"),
     "fp8": _fp8,
     "w8": lambda: _weight_only(QuantizationSpec(dtype="int8", granularity=PerChannelGranularity())),
     "w4": lambda: _weight_only(QuantizationSpec(dtype="int4", granularity=PerBlockGranularity(block_size=32))),

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CALIB, EVAL, BATCH = 64, 64, 16
-QDQ_ROWS = {"qdq int8": ["--preset", "int8"], "qdq int8-global-minmax": ["--preset", "int8-global-minmax"]}
+QDQ_ROWS = {"qdq int8": ["--preset", "int8"], "qdq int8-global-minmax": ["--preset", "int8-global-minmax"],
+            "qdq int8-asymmetric": ["--preset", "int8-asymmetric"]}
 ORT_ROW = "ORT U8S8 per-channel MinMax"
 
 logger = logging.getLogger("bench_zoo")

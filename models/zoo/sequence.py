@@ -18,7 +18,7 @@ from torch import nn
 from models.zoo.common import export_default, export_dynamo, image_data, seeded
 from models.zoo.registry import ZooModel, register
 
-__all__ = ["GRUClassifier", "TinyBert", "TinyViT"]
+__all__ = ["GRUClassifier", "TinyBert", "TinyViT", "bert_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _vit_data(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"image": image_data(n, seed, (3, 32, 32))}
 
 
-def _bert_data(n: int, seed: int, seq: int = SEQ) -> dict[str, np.ndarray]:
+def bert_data(n: int, seed: int, seq: int = SEQ) -> dict[str, np.ndarray]:
     """Token ids with Zipf-like frequencies; each sample has 4..seq real tokens, the rest padding (id 0, mask 0)."""
     rng = np.random.default_rng(seed)
     ids = np.minimum(rng.zipf(1.3, size=(n, seq)), VOCAB - 1).astype(np.int64)
@@ -148,7 +148,7 @@ def _export_vit(path: Path) -> Path:
 
 
 def _export_bert(path: Path) -> Path:
-    data = _bert_data(2, 1)
+    data = bert_data(2, 1)
     example = (torch.from_numpy(data["input_ids"]), torch.from_numpy(data["attention_mask"]))
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=64)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
@@ -166,6 +166,6 @@ register(ZooModel("vit", "patch Conv, LayerNorm, attention MatMuls on [N*heads, 
                   lambda: seeded(TinyViT, 8).eval(), _export_vit, _vit_data))
 register(ZooModel("bert", "int64 input_ids + attention_mask, dynamic sequence, Gather embeddings, "
                   "finfo.min mask arithmetic, LayerNorm, GELU", lambda: seeded(TinyBert, 9).eval(), _export_bert,
-                  _bert_data, integer_inputs=("input_ids", "attention_mask")))
+                  bert_data, integer_inputs=("input_ids", "attention_mask")))
 register(ZooModel("gru", "ONNX GRU op (left float) between quantized Linear layers",
                   lambda: seeded(GRUClassifier, 10).eval(), _export_gru, _gru_data))

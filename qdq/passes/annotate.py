@@ -5,8 +5,13 @@ Rules, in one place:
 - Compute ops (qdq/ops.py OP_TABLE) quantize state ports (constant weights), input ports and
   their output. An element-wise activation that is the only consumer of a compute op's output
   is fused: the output spec applies after the activation, nothing between them.
-- After Relu / Clip(min >= 0) / Sigmoid / HardSigmoid / Softplus, integer activations are
-  asymmetric (the range starts at 0: zero point = qmin, no codes wasted; as coreai_opt does).
+- Known-range rule (coreai_opt's, generalised by qdq/passes/value_ranges.py): an integer activation
+  whose values are provably non-negative (after Relu / Clip(min >= 0) / Sigmoid / HardSigmoid /
+  Softplus / Softmax, and through pooling, means, shape ops, Concat, Add and Mul of such tensors)
+  or bounded below only (after HardSwish, Gelu, Elu, ...) is asymmetric: no codes are wasted on
+  values that cannot occur.
+- Mask arithmetic (float math on integer inputs and small constants, e.g. ``(1 - mask) * finfo.min``)
+  stays float, and so does the output of an Add that applies such a mask (its range is the mask's).
 - One pair per tensor and spec. When a producer quantizes its output, every consumer reads that
   pair; a consumer whose input spec asks for the same dtype reuses it (the producer's spec wins),
   one asking for another dtype gets its own pair on the float tensor.
@@ -26,6 +31,7 @@ from qdq.config import ModuleQuantizerConfig, QuantizerConfig
 from qdq.errors import ConfigError
 from qdq.layout import QLayout, resolve_layout
 from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type, port_name
+from qdq.passes.value_ranges import ValueFacts
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.spec import QScheme, QuantizationSpec
 
@@ -33,7 +39,6 @@ __all__ = ["AnnotatePass", "annotate", "unquantized_nodes"]
 
 logger = logging.getLogger(__name__)
 
-_NONNEG_ACTS = {"Relu", "Sigmoid", "HardSigmoid", "Softplus"}
 _REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")
 
 
@@ -112,25 +117,17 @@ def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def _clip_min(node: ir.Node) -> float | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
-        return float(node.inputs[1].const_value.numpy().reshape(-1)[0])
-    attr = node.attributes.get("min")
-    return None if attr is None else float(attr.as_float())
-
-
-def _after_activation(spec: QuantizationSpec, act: ir.Node | None) -> QuantizationSpec:
-    """coreai_opt's known-range rule: non-negative activations get an asymmetric integer grid."""
-    if act is None or spec.dtype.is_float or spec.qscheme is QScheme.ASYMMETRIC:
+def _range_scheme(spec: QuantizationSpec, value: ir.Value, facts: ValueFacts) -> QuantizationSpec:
+    """Known-range rule: one-sided integer activations (non-negative, or bounded below only) are asymmetric."""
+    if spec.dtype.is_float or spec.qscheme is QScheme.ASYMMETRIC:
         return spec
-    clip_min = _clip_min(act) if act.op_type == "Clip" else None
-    nonneg = act.op_type in _NONNEG_ACTS or (clip_min is not None and clip_min >= 0.0)
-    return spec.replace(qscheme=QScheme.ASYMMETRIC) if nonneg else spec
+    return spec.replace(qscheme=QScheme.ASYMMETRIC) if facts.interval(value).one_sided else spec
 
 
 class _PlanBuilder:
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, facts: ValueFacts) -> None:
         self.graph = graph
+        self.facts = facts
         self.plan = QuantPlan()
         self.by_tensor: dict[str, list[QuantTarget]] = {}
 
@@ -170,11 +167,17 @@ class _PlanBuilder:
     def output(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec) -> None:
         if any(t.uses is None for t in self.by_tensor.get(value.name or "", [])):
             return
+        if self.facts.is_mask(value) or self.facts.applies_mask(node):
+            return
+        spec = _range_scheme(spec, value, self.facts)
         layout = self._activation_layout(spec, value)
         self._add(QuantTarget(self._new_key(value.name or ""), value.name or "", spec, layout, "activation",
                               uses=None, ops=[node.name]))
 
     def input(self, node: ir.Node, index: int, value: ir.Value, spec: QuantizationSpec) -> None:
+        if self.facts.is_mask(value):
+            return
+        spec = _range_scheme(spec, value, self.facts)
         existing = self.by_tensor.get(value.name or "", [])
         for t in existing:
             if t.uses is None and t.kind == "activation" and t.spec.dtype == spec.dtype:
@@ -221,12 +224,12 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
         configs[id(node)] = cfg
 
     # Fusion: compute op -> (MatMul bias Add) -> activation, quantized once at the end.
-    fused_out: dict[int, tuple[ir.Value, ir.Node | None]] = {}
+    fused_out: dict[int, ir.Value] = {}
     absorbed: set[int] = set()
     for node in graph:
         if node.op_type not in OP_TABLE or configs[id(node)] is None or len(node.outputs) != 1:
             continue
-        out, act = node.outputs[0], None
+        out = node.outputs[0]
         nxt = _single_consumer(out)
         if (node.op_type == "MatMul" and nxt is not None and nxt.op_type == "Add"
                 and node.inputs[1] is not None and _is_constant(node.inputs[1])
@@ -236,11 +239,11 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
             nxt = _single_consumer(out)
         if nxt is not None and nxt.op_type in ACTIVATION_OPS and configs[id(nxt)] is not None:
             absorbed.add(id(nxt))
-            act, out = nxt, nxt.outputs[0]
+            out = nxt.outputs[0]
         if out is not node.outputs[0]:
-            fused_out[id(node)] = (out, act)
+            fused_out[id(node)] = out
 
-    builder = _PlanBuilder(graph)
+    builder = _PlanBuilder(graph, ValueFacts(graph))
     for node in graph:
         cfg = configs[id(node)]
         if cfg is None or id(node) in absorbed:
@@ -249,8 +252,8 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
             builder.passthrough(node)
             continue
         info = OP_TABLE.get(node.op_type)
-        if info is None:
-            continue
+        if info is None or any(builder.facts.is_mask(o) for o in node.outputs):
+            continue  # not a quantized op, or mask arithmetic (stays float, constants included)
         state_idx = {i: k for k, i in info.state.items()}
         for i, value in enumerate(node.inputs):
             if value is None or not _is_float(value):
@@ -275,10 +278,10 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
                 builder.state(node, value, spec, "constant")
             else:
                 builder.input(node, i, value, spec)
-        out, act = fused_out.get(id(node), (node.outputs[0], None))
+        out = fused_out.get(id(node), node.outputs[0])
         spec = cfg.spec_for("output", port_name(node, 0, output=True), 0)
         if spec is not None and _is_float(out):
-            builder.output(node, out, _after_activation(spec, act))
+            builder.output(node, out, spec)
     return builder.plan
 
 

@@ -74,10 +74,11 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             wq = numerics.fake_quantize(w, qp.scale, qp.zero_point, target.spec.dtype, target.layout)
             bias_value = node.inputs[2]
             assert bias_value is not None and bias_value.const_value is not None
-            b = bias_value.const_value.numpy().astype(np.float32)
-            corrected = (b + _shift(node, (w - wq).astype(np.float64), mean.astype(np.float64))).astype(np.float32)
+            b = bias_value.const_value.numpy()
+            shift = _shift(node, (w - wq).astype(np.float64), mean.astype(np.float64))
+            corrected = (b.astype(np.float32) + shift).astype(b.dtype)  # float16 models keep float16 biases
             if bias_value.uses() and len({u.node.name for u in bias_value.uses()}) > 1:
-                new = ir.Value(name=f"{bias_value.name}_corrected", type=ir.TensorType(ir.DataType.FLOAT),
+                new = ir.Value(name=f"{bias_value.name}_corrected", type=ir.TensorType(bias_value.const_value.dtype),
                                shape=ir.Shape(corrected.shape), const_value=ir.tensor(corrected))
                 model.graph.register_initializer(new)
                 node.replace_input_with(2, new)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -24,9 +25,12 @@ from qdq.graph.opset import ensure_opset, required_opset
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.qparams import QParams
 
-__all__ = ["InsertQDQPass", "insert_qdq", "zero_point_array"]
+__all__ = ["InsertQDQPass", "insert_qdq", "scale_array", "zero_point_array"]
 
 logger = logging.getLogger(__name__)
+
+_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+HALF_OPSET = 19  # QuantizeLinear/DequantizeLinear accept float16 / bfloat16 tensors and scales from opset 19
 
 
 def zero_point_array(qp: QParams, dtype: QDType) -> np.ndarray:
@@ -35,6 +39,19 @@ def zero_point_array(qp: QParams, dtype: QDType) -> np.ndarray:
     if dtype.is_float:
         return np.zeros(zp.shape, dtype.np_dtype)
     return zp.astype(np.int64).astype(dtype.np_dtype)
+
+
+def scale_array(qp: QParams, dtype: ir.DataType | None) -> np.ndarray:
+    """The scale in the dtype of the tensor it quantizes (QuantizeLinear ties x and y_scale to one type).
+
+    float16 / bfloat16 scales are clamped to that type's smallest normal number, so none rounds to zero.
+    """
+    scale = np.asarray(qp.scale, np.float32)
+    if dtype not in _HALF:
+        return scale
+    np_dtype = dtype.numpy()
+    tiny = float(ml_dtypes.finfo(np_dtype).smallest_normal)
+    return np.maximum(scale, tiny).astype(np_dtype)
 
 
 def _initializer(name: str, array: np.ndarray) -> ir.Value:
@@ -79,7 +96,7 @@ class _Inserter:
             if qp is None:
                 raise KeyError(f"no qparams for target '{root}'")
             spec = self.plan.targets[root].spec
-            scale = _initializer(f"{root}_scale", np.asarray(qp.scale, np.float32))
+            scale = _initializer(f"{root}_scale", scale_array(qp, self.values[self.plan.targets[root].tensor].dtype))
             zp = _initializer(f"{root}_zero_point", zero_point_array(qp, spec.dtype))
             self.graph.register_initializer(scale)
             self.graph.register_initializer(zp)
@@ -139,8 +156,12 @@ class _Inserter:
 
 def insert_qdq(model: ir.Model, plan: QuantPlan, qparams: dict[str, QParams]) -> ir.Model:
     """Insert every planned QDQ pair into ``model`` (in place) and raise the opset as needed."""
-    ensure_opset(model, required_opset(t.spec for t in plan.targets.values()),
-                 blocked=any(t.layout.block_size is not None for t in plan.targets.values()))
+    need = required_opset(t.spec for t in plan.targets.values())
+    tensors = {t.tensor for t in plan.targets.values()}
+    values = [*model.graph.inputs, *model.graph.initializers.values(), *(o for n in model.graph for o in n.outputs)]
+    if any(v.dtype in _HALF for v in values if v.name in tensors):
+        need = max(need, HALF_OPSET)
+    ensure_opset(model, need, blocked=any(t.layout.block_size is not None for t in plan.targets.values()))
     inserter = _Inserter(model, plan, qparams)
     targets = list(plan.targets.values())
     # Pairs read by every consumer first: a consumer-specific pair on the same tensor then
