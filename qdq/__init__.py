@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from qdq.backends import ExportBackend
-from qdq.calibration.base import QParamsCalculatorBase, RangeCalculatorBase
+from qdq.calibration import QParamsCalculatorBase, RangeCalculatorBase  # loads the built-in calculators
 from qdq.config import ModuleQuantizerConfig, QuantizerConfig
 from qdq.dtypes import QDType
 from qdq.errors import BackendError, ConfigError, DataError, ModelError, QdqError
@@ -25,14 +25,47 @@ from qdq.spec import (
     QuantizationSpec,
 )
 
-__version__ = "0.1.0"
+
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject.toml is the one source); the source tree's if not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("qdq")
+    except metadata.PackageNotFoundError:
+        return "0.1.0+source"
+
+
+__version__ = _installed_version()
 
 __all__ = [
-    "BackendError", "ConfigError", "DataError", "ExportBackend", "ModelError", "ModuleQuantizerConfig",
-    "PRESETS", "PerBlockGranularity", "PerChannelGranularity", "PerTensorGranularity", "PreparedModel",
-    "QDType", "QParamsCalculatorBase", "QScheme", "QdqError", "QuantizationSpec", "Quantizer",
-    "QuantizerConfig", "RangeCalculatorBase", "compare", "export", "finalize_model", "load_model", "preset",
-    "quantize", "save",
+    "PRESETS",
+    "BackendError",
+    "ConfigError",
+    "DataError",
+    "ExportBackend",
+    "ModelError",
+    "ModuleQuantizerConfig",
+    "PerBlockGranularity",
+    "PerChannelGranularity",
+    "PerTensorGranularity",
+    "PreparedModel",
+    "QDType",
+    "QParamsCalculatorBase",
+    "QScheme",
+    "QdqError",
+    "QuantizationSpec",
+    "Quantizer",
+    "QuantizerConfig",
+    "RangeCalculatorBase",
+    "__version__",
+    "compare",
+    "export",
+    "finalize_model",
+    "load_model",
+    "preset",
+    "quantize",
+    "save",
 ]
 
 

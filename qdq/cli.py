@@ -1,25 +1,33 @@
 """``qdq`` command line: quantize, compare, export, inspect, demo.
 
 Errors print one line ``qdq: error: <problem and fix>`` on stderr; exit code 2 for usage and
-config errors, 1 for the rest. ``--debug`` adds the traceback; ``--quiet`` hides progress bars.
+config errors, 1 for the rest, 130 for Ctrl-C and 143 for SIGTERM (no partial output either way).
+Global options (``--quiet``, ``--debug``) go before or after the subcommand; ``--debug`` adds
+the traceback, ``--quiet`` prints nothing but errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-import tempfile
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["Terminated", "build_parser", "main"]
 
 logger = logging.getLogger("qdq")
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the CLI's SIGTERM handler, so SIGTERM unwinds (and cleans up) exactly like Ctrl-C."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,120 +39,135 @@ class _Parser(argparse.ArgumentParser):
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.replace(",", " ").split()]
+        values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
+    return values
 
 
-def _add_data_args(p: argparse.ArgumentParser, flag: str) -> None:
-    p.add_argument(flag, required=True, metavar="PATH",
-                   help=".npy (first axis = samples), .npz (one array per input), a folder of .npy/.npz, or a folder of images")
-    p.add_argument("--image-size", type=int, default=None, help="image folders: resize/crop to this size (default 224)")
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """--quiet/--debug: on the main parser with defaults, on each subcommand without (so either place works)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    default: Any = False if defaults else argparse.SUPPRESS
+    group = parent.add_argument_group("global options (before or after the command)")
+    group.add_argument("--quiet", action="store_true", default=default,
+                       help="print nothing but errors (no progress bars, summaries or warnings)")
+    group.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    return parent
+
+
+def _add_data_args(p: argparse.ArgumentParser, flag: str, *, required: bool = True) -> None:
+    p.add_argument(flag, required=required, default=None, metavar="PATH",
+                   help=".npy (first axis = samples), .npz (one array per input), a folder of .npy/.npz, or a "
+                        "folder of images" + ("" if required else "; optional for weight-only presets (w8, w4), "
+                                              "which use it for bias correction"))
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="image folders: resize/crop to this size (default: the model's, else 224)")
     p.add_argument("--mean", type=_floats, default=None, help="image folders: per-channel mean of x/255 (R,G,B)")
     p.add_argument("--std", type=_floats, default=None, help="image folders: per-channel std of x/255 (R,G,B)")
-    p.add_argument("--num-samples", type=int, default=None, help="use the first N samples only")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per onnxruntime run (default 16)")
+    p.add_argument("--num-samples", type=_positive_int, default=None, help="use the first N samples only")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default 16)")
+
+
+def _version() -> str:
+    from qdq import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qdq", description="ONNX quantization: QDQ rewrite, calibration, finalize, validate.")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or info output")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = _Parser(prog="qdq", description="ONNX quantization: QDQ rewrite, calibration, finalize, validate.",
+                     parents=[_global_options(True)])
+    parser.add_argument("--version", action="version", version=f"qdq {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = [_global_options(False)]
 
-    q = sub.add_parser("quantize", help="quantize an ONNX model")
+    q = sub.add_parser("quantize", help="quantize an ONNX model", parents=common)
     q.add_argument("model", help="FP32 ONNX model")
-    q.add_argument("-o", "--output", required=True, help="output ONNX path")
-    _add_data_args(q, "--calib-data")
-    q.set_defaults(calib_required=True)
+    q.add_argument("-o", "--output", required=True, help="output ONNX path (written atomically)")
+    _add_data_args(q, "--calib-data", required=False)
     group = q.add_mutually_exclusive_group()
     group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, fp8, w8, w4")
     group.add_argument("--config", default=None, help="YAML QuantizerConfig (coreai_opt semantics)")
-    q.add_argument("--calibrator", default=None, help="override every activation calculator (e.g. percentile, entropy, mse)")
+    q.add_argument("--calibrator", default=None,
+                   help="override every activation calculator (e.g. percentile, entropy, mse); keeps all else")
     q.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), coreml or coreai")
 
-    c = sub.add_parser("compare", help="FP32 vs quantized: SQNR, top-1 agreement, accuracy, per-layer error")
+    c = sub.add_parser("compare", help="FP32 vs quantized: SQNR, top-1 agreement, accuracy, per-layer error",
+                       parents=common)
     c.add_argument("fp32_model")
     c.add_argument("quant_model")
     _add_data_args(c, "--data")
     c.add_argument("--labels", default=None, help=".npy or .txt of integer labels, one per sample")
     c.add_argument("--per-layer", action="store_true", help="SQNR of every quantized activation, worst first")
 
-    e = sub.add_parser("export", help="export a PyTorch model to ONNX (dynamo exporter)")
+    e = sub.add_parser("export", help="export a PyTorch model to ONNX (dynamo exporter)", parents=common)
     e.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
                    help="factory returning (torch model, example inputs), e.g. models.digits:factory")
     e.add_argument("-o", "--output", required=True)
-    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--opset", type=_positive_int, default=None)
 
-    i = sub.add_parser("inspect", help="list a model's nodes and what the config would quantize")
+    i = sub.add_parser("inspect", help="list a model's nodes and what the config would quantize", parents=common)
     i.add_argument("model")
-    i.add_argument("--preset", default=None)
-    i.add_argument("--config", default=None)
+    group = i.add_mutually_exclusive_group()
+    group.add_argument("--preset", default=None)
+    group.add_argument("--config", default=None)
 
-    d = sub.add_parser("demo", help="train the digits CNN and print the PTQ table (and EfficientNet-Lite0 if images exist)")
+    d = sub.add_parser("demo", help="train the digits CNN and print the PTQ table (and EfficientNet-Lite0 if "
+                                    "images exist)", parents=common)
     d.add_argument("--images", default=None, help="ImageNet sample folder (default ../shared/data/imagenet-sample)")
     d.add_argument("--skip-efficientnet", action="store_true", help="digits only")
     return parser
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """The QuantizerConfig of --config FILE or --preset NAME (default int8)."""
     from qdq.config import QuantizerConfig
     from qdq.presets import preset
 
     if getattr(args, "config", None):
-        cfg = QuantizerConfig.from_yaml(args.config)
-    else:
-        cfg = preset(getattr(args, "preset", None) or "int8")
-    if getattr(args, "calibrator", None):
-        from qdq.config_edit import with_activation_calculator
-
-        cfg = with_activation_calculator(cfg, args.calibrator)
-    return cfg
-
-
-def _open(args: argparse.Namespace, path: str, model: Any, role: str = "calibration") -> Any:
-    from qdq.data import open_data
-    from qdq.validate import input_shapes
-
-    names = [v.name or "" for v in model.graph.inputs]
-    return open_data(path, names, image_size=args.image_size, mean=args.mean, std=args.std,
-                     num_samples=args.num_samples, input_shapes=input_shapes(model), role=role)
+        return QuantizerConfig.from_yaml(args.config)
+    return preset(getattr(args, "preset", None) or "int8")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from qdq.model_io import save
-    from qdq.quantizer import Quantizer
+    from qdq.oneshot import quantize
 
     out = Path(args.output)
-    if out.resolve() == Path(args.model).resolve():
-        from qdq.errors import ConfigError
-
-        raise ConfigError("-o must differ from the input model; qdq never overwrites its input")
-    quantizer = Quantizer(args.model, _config(args))
-    quantizer.prepare()
-    if any(t.observed for t in quantizer.targets.values()):
-        data = _open(args, args.calib_data, quantizer.float_model)
-        total = -(-len(data) // args.batch_size)
-        quantizer.calibrate(data.batches(args.batch_size), total=total, progress=not args.quiet)
-    final = quantizer.finalize(args.backend)
-    save(final, out)
-    summary = quantizer.plan.summary()
+    quantize(args.model, _config(args), args.calib_data, backend=args.backend, batch_size=args.batch_size,
+             num_samples=args.num_samples, calibrator=args.calibrator, output=out, progress=not args.quiet,
+             image_size=args.image_size, mean=args.mean, std=args.std)
     if not args.quiet:
-        size = out.stat().st_size
-        print(f"wrote {out} ({size / 1e6:.2f} MB; {summary.get('weight', 0)} weights, "
-              f"{summary.get('activation', 0)} activations quantized; backend {args.backend})")
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, backend {args.backend})")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from qdq.data import image_labels, labels_from_file
+    from qdq.data import image_labels, labels_from_file, open_data
     from qdq.model_io import load_model
-    from qdq.validate import compare
+    from qdq.oneshot import check_options
+    from qdq.validate import compare, input_shapes
 
+    check_options(batch_size=args.batch_size, num_samples=args.num_samples, image_size=args.image_size,
+                  mean=args.mean, std=args.std)
     fp32 = load_model(args.fp32_model)
-    data = _open(args, args.data, fp32, role="evaluation")
+    names = [v.name or "" for v in fp32.graph.inputs]
+    data = open_data(args.data, names, image_size=args.image_size, mean=args.mean, std=args.std,
+                     num_samples=args.num_samples, input_shapes=input_shapes(fp32), role="evaluation")
     if args.labels:
         labels = np.asarray(labels_from_file(args.labels))[: len(data)]
     else:  # image folders named "<label>_..." carry their labels
@@ -157,11 +180,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from qdq.errors import ConfigError
+    from qdq.model_io import check_output_path
     from qdq.torch_export import export
 
     mod_name, _, attr = args.model.partition(":")
     if not mod_name or not attr:
         raise ConfigError(f"--model must look like package.module:factory, got '{args.model}'")
+    check_output_path(args.output)
     sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
@@ -176,11 +201,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from qdq.model_io import load_model
-    from qdq.passes.annotate import annotate
+    from qdq.quantizer import Quantizer
 
-    model = load_model(args.model)
-    plan = annotate(model, _config(args))
+    quantizer = Quantizer(args.model, _config(args))  # the same load, checks, opset upgrade and plan as quantize
+    model, plan = quantizer.float_model, quantizer.plan
     by_node: dict[str, list[str]] = {}
     for t in plan.targets.values():
         for op in t.ops:
@@ -203,29 +227,62 @@ _COMMANDS = {"quantize": _cmd_quantize, "compare": _cmd_compare, "export": _cmd_
              "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (main thread only), so cleanup code runs."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _configure_output(quiet: bool, debug: bool) -> None:
+    """Logging levels; ``--quiet`` also silences Python warnings and onnxruntime's own log."""
+    level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("onnxscript", "onnx_ir", "torch"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+    if quiet and not debug:
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(Exception):
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(3)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnxscript", "onnx_ir", "torch"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.ERROR)
+    _configure_output(args.quiet, args.debug)
     from qdq.errors import QdqError, first_line
 
     try:
-        return _COMMANDS[args.command](args)
+        with _sigterm_raises():
+            return _COMMANDS[args.command](args)
     except QdqError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"qdq: error: {exc}", file=sys.stderr)
+        print("qdq: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("qdq: error: interrupted by SIGTERM; nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("qdq: error: interrupted", file=sys.stderr)
+        print("qdq: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return 130
-    except Exception as exc:  # an unexpected failure still gets one line unless --debug
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line unless --debug
         if args.debug:
             traceback.print_exc()
         print(f"qdq: error: internal error {first_line(exc, with_type=True)} (rerun with --debug and report it)",

@@ -1,8 +1,9 @@
 """The seed article's PTQ experiment as a table: FP32 vs W8A8 moving_average / global_minmax vs FP8.
 
 Used by ``qdq demo`` (digits CNN, plus EfficientNet-Lite0 when the ImageNet sample is present)
-and by ``scripts/ptq_table.py``. Quantized rows are evaluated as finalized onnxruntime models
-(real integer kernels), i.e. what ships.
+and by ``scripts/ptq_table.py``. Each row is quantized by :func:`qdq.quantize`, the same code as
+``qdq quantize``, and evaluated as a finalized onnxruntime model (real integer kernels), i.e. what
+ships.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from qdq.calibration.runner import make_session
-from qdq.model_io import load_model, save
-from qdq.presets import preset
+from qdq.model_io import load_model
+from qdq.oneshot import quantize
 from qdq.progress import progress_bar
-from qdq.quantizer import Quantizer
+from qdq.session import make_session
 
-__all__ = ["PTQRow", "SEED_CONFIGS", "ptq_rows", "format_table", "run_demo"]
+__all__ = ["SEED_CONFIGS", "PTQRow", "format_table", "ptq_rows", "run_demo"]
 
 #: The seed article's three configs, by row name.
 SEED_CONFIGS: dict[str, str] = {
@@ -64,11 +64,10 @@ def ptq_rows(fp32_path: str | Path, calib: Callable[[], Iterable[np.ndarray]], e
                    Path(fp32_path).stat().st_size / 1e6, 0.0)]
     for name, cfg in configs.items():
         t0 = time.perf_counter()
-        quantizer = Quantizer(fp32_path, preset(cfg) if isinstance(cfg, str) else cfg)
-        quantizer.prepare()
-        batches = list(calib()) if not progress else calib()
-        quantizer.calibrate(progress_bar(batches, desc=name, disable=not progress), progress=False)
-        path = save(quantizer.finalize(), out_dir / f"{name.split()[0].lower()}-{len(rows)}.onnx")
+        path = out_dir / f"{name.split()[0].lower()}-{len(rows)}.onnx"
+        # the same one path as `qdq quantize` and qdq.quantize (bias correction, checks, atomic save)
+        quantize(fp32_path, cfg, progress_bar(calib(), desc=name, disable=not progress), output=path,
+                 progress=False)
         seconds = time.perf_counter() - t0
         logits = _logits(path, eval_x, batch_size)
         rows.append(PTQRow(name, float((logits.argmax(-1) == eval_y).mean() * 100),

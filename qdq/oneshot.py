@@ -1,45 +1,131 @@
-"""``qdq.quantize``: config + calibration data in, finalized model out, in one call."""
+"""``qdq.quantize``: config + calibration data in, finalized model out, in one call.
+
+This is the one quantization path: the CLI's ``qdq quantize``, the demo and the scripts call it.
+Everything that can be checked without calibrating is checked first, in this order: option
+ranges, the config, the backend name, the output path, the model (loads, valid, upgraded to the
+opset the plan needs), the plan against the backend's capabilities, and the calibration data
+against the model's inputs. Only then does calibration start.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
 from qdq.backends import ExportBackend
-from qdq.errors import DataError
-from qdq.quantizer import Quantizer
+from qdq.backends.capabilities import check_plan
+from qdq.errors import ConfigError
+from qdq.model_check import external_locations
+from qdq.model_io import check_output_path, save
+from qdq.quantizer import Quantizer, as_config
 
-__all__ = ["quantize"]
+__all__ = ["check_options", "quantize"]
 
 logger = logging.getLogger(__name__)
 
 
+def _positive(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _per_channel(name: str, values: Sequence[float] | float | None, *, nonzero: bool = False) -> None:
+    if values is None:
+        return
+    seq = [values] if isinstance(values, (int, float)) else list(values)
+    if len(seq) not in (1, 3):
+        raise ConfigError(f"{name} takes 1 value or 3 (R,G,B), got {len(seq)}: {seq}")
+    if nonzero and any(float(v) == 0.0 for v in seq):
+        raise ConfigError(f"{name} must not contain 0 (images are divided by it), got {seq}")
+
+
+def check_options(*, batch_size: Any = 16, num_samples: Any = None, image_size: Any = None, mean: Any = None,
+                  std: Any = None) -> None:
+    """ConfigError for a numeric option out of range (batch_size/num_samples/image_size >= 1, std != 0, counts)."""
+    _positive("batch_size (--batch-size)", batch_size)
+    _positive("num_samples (--num-samples)", num_samples)
+    sizes = image_size if isinstance(image_size, (list, tuple)) else [image_size]
+    for size in sizes:
+        _positive("image_size (--image-size)", size)
+    _per_channel("mean (--mean)", mean)
+    _per_channel("std (--std)", std, nonzero=True)
+
+
 def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
              backend: Any = ExportBackend.ONNXRuntime, batch_size: int = 16, num_samples: int | None = None,
-             progress: bool = True) -> ir.Model:
+             calibrator: str | None = None, output: str | os.PathLike[str] | None = None, progress: bool = True,
+             image_size: int | Sequence[int] | None = None, mean: Sequence[float] | float | None = None,
+             std: Sequence[float] | float | None = None) -> ir.Model:
     """Quantize ``model`` (path / ModelProto / onnx_ir.Model) and finalize it for ``backend``.
 
     ``config``: QuantizerConfig, mapping, YAML path or preset name (default ``int8``).
     ``calibration_data``: a path understood by :func:`qdq.data.open_data`, a DataSource, or an
-    iterable of batches (arrays, tuples or dicts by input name). Weight-only configs need none.
+    iterable of batches (arrays, tuples or dicts by input name). Configs that quantize
+    activations need it; weight-only presets use it for bias correction (skipped with a warning
+    without it). ``calibrator`` replaces every activation calculator, keeping all other settings.
+    ``output``: also save the result there (atomically; checked writable before any work).
     """
-    quantizer = Quantizer(model, config)
+    check_options(batch_size=batch_size, num_samples=num_samples, image_size=image_size, mean=mean, std=std)
+    cfg = as_config("int8" if config is None else config)
+    if calibrator:
+        from qdq.config_edit import with_activation_calculator
+
+        cfg = with_activation_calculator(cfg, calibrator)
+    backend = ExportBackend.parse(backend)
+    model_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if output is not None:
+        check_output_path(output, inputs=[model_path] if model_path is not None else [])
+    quantizer = Quantizer(model, cfg)
+    if output is not None:
+        check_output_path(output, inputs=external_locations(quantizer.float_model))
+    check_plan(quantizer.plan, backend)
+    batches: Any = None
+    total: int | None = None
+    if quantizer.needs_data:
+        if calibration_data is not None:
+            batches, total = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std)
+        elif quantizer.observes_activations:
+            raise ConfigError("this config quantizes activations: pass calibration data (--calib-data PATH, or "
+                              "calibration_data=...), or use a weight-only preset (w8, w4)")
+        else:
+            quantizer.skip_bias_correction("no calibration data was given (pass --calib-data / calibration_data "
+                                           "to correct the biases weight rounding shifts)")
+    elif calibration_data is not None:
+        logger.info("the config quantizes no activation and corrects no bias: calibration data is not needed")
     quantizer.prepare()
-    if any(t.observed for t in quantizer.targets.values()):
-        if calibration_data is None:
-            raise DataError("this config quantizes activations: pass calibration_data (e.g. --calib-data DIR)")
-        batches, total = _batches(calibration_data, quantizer, batch_size, num_samples)
+    if batches is not None:
         quantizer.calibrate(batches, total=total, progress=progress)
-    return quantizer.finalize(backend)
+    final = quantizer.finalize(backend)
+    if output is not None:
+        save(final, output)
+    return final
 
 
-def _batches(data: Any, quantizer: Quantizer, batch_size: int, num_samples: int | None) -> tuple[Any, int | None]:
+def _input_shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...] | None]:
+    shapes: dict[str, tuple[int | str | None, ...] | None] = {}
+    for value in model.graph.inputs:
+        if value.shape is None:
+            shapes[value.name or ""] = None
+            continue
+        shapes[value.name or ""] = tuple(d if isinstance(d, int) else (d.value if d.value else None)
+                                         for d in value.shape)
+    return shapes
+
+
+def _batches(data: Any, quantizer: Quantizer, batch_size: int, num_samples: int | None,
+             image_size: Any, mean: Any, std: Any) -> tuple[Any, int | None]:
     from qdq.data import DataSource, open_data
 
     if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        data = open_data(data, quantizer.input_names, num_samples=num_samples)
+        data = open_data(data, quantizer.input_names, image_size=image_size, mean=mean, std=std,
+                         num_samples=num_samples, input_shapes=_input_shapes(quantizer.float_model))
     if isinstance(data, DataSource):
         return data.batches(batch_size), -(-len(data) // batch_size)
     return data, (len(data) if hasattr(data, "__len__") else None)

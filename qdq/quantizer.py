@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from qdq.backends import ExportBackend, check_capabilities
 from qdq.calibration.base import QParamsCalculatorBase
@@ -22,6 +23,8 @@ from qdq.calibration.channel_mean import ChannelMean
 from qdq.calibration.runner import CalibrationRunner
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, DataError, ModelError
+from qdq.graph.opset import BASE_OPSET, model_opset, required_opset, upgrade_model
+from qdq.model_check import check_graph
 from qdq.model_inputs import model_inputs
 from qdq.model_io import load_model
 from qdq.passes.annotate import annotate
@@ -32,7 +35,7 @@ from qdq.progress import progress_bar
 from qdq.qparams import QParams
 from qdq.session import make_session, run_batched
 
-__all__ = ["Quantizer", "PreparedModel", "as_config", "finalize_model"]
+__all__ = ["PreparedModel", "Quantizer", "as_config", "finalize_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +68,29 @@ def _check_float_model(model: ir.Model) -> None:
     for node in graph:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
             raise ModelError(
-                f"the model is already quantized (node '{node.name}' is a {node.op_type}); "
-                "pass the float model, or load a qdq-prepared model with Quantizer.from_qdq"
+                f"the model is already quantized (node '{node.name}' is a {node.op_type}); pass the float "
+                "model, or legalize an already-quantized QDQ model with qdq.finalize_model(model, backend)"
             )
+
+
+def _upgraded_and_planned(model: ir.Model, config: QuantizerConfig) -> tuple[ir.Model, QuantPlan]:
+    """A copy of the float model at the lowest opset the plan needs (>= 13; onnx's version converter), every
+    node named, and its plan.
+
+    The upgrade happens before annotation and calibration, so every later step sees one graph.
+    """
+    upgraded = upgrade_model(model, BASE_OPSET)
+    if upgraded is model:
+        upgraded = model.clone()  # never modify the caller's model
+    NameFixPass()(upgraded)  # the plan names nodes: each needs a unique name
+    plan = annotate(upgraded, config)
+    targets = plan.targets.values()
+    need = max(required_opset(t.spec for t in targets),
+               21 if any(t.layout.block_size is not None for t in targets) else BASE_OPSET)
+    if (model_opset(upgraded) or 0) < need:
+        upgraded = upgrade_model(upgraded, need)
+        plan = annotate(upgraded, config)
+    return upgraded, plan
 
 
 class Quantizer:
@@ -85,10 +108,10 @@ class Quantizer:
 
     def __init__(self, model: Any, config: Any = None) -> None:
         base = load_model(model)
-        self.float_model: ir.Model = base.clone() if base is model else base
-        _check_float_model(self.float_model)
+        check_graph(base)
+        _check_float_model(base)
         self.config = as_config(config)
-        self.plan: QuantPlan = annotate(self.float_model, self.config)
+        self.float_model, self.plan = _upgraded_and_planned(base, self.config)
         self.input_names = [v.name or "" for v in self.float_model.graph.inputs]
         self.output_names = [v.name or "" for v in self.float_model.graph.outputs]
         self._calculators: dict[str, QParamsCalculatorBase] = {}
@@ -114,6 +137,25 @@ class Quantizer:
         """Current scale/zero-point of every target (shared targets resolve to their root's)."""
         self._refresh_qparams()
         return {k: self._qparams[self.plan.root(k)] for k in self.plan.targets if self.plan.root(k) in self._qparams}
+
+    @property
+    def observes_activations(self) -> bool:
+        """True when some activation range must be calibrated (calibration data is required)."""
+        return any(t.observed for t in self.plan.targets.values())
+
+    @property
+    def needs_data(self) -> bool:
+        """True when calibration data is used: activation ranges, or bias correction's channel means
+        (weight-only configs with ``bias_correction``)."""
+        return self.observes_activations or bool(self._bias_sites)
+
+    def skip_bias_correction(self, reason: str) -> None:
+        """Turn bias correction off for this run (e.g. no calibration data), with one warning saying why."""
+        if self._bias_sites:
+            logger.warning("bias correction skipped: %s", reason)
+        self._bias_sites = {}
+        self._means = {}
+        self._runner = None
 
     # ------------------------------------------------------------------ prepare / calibrate
     def prepare(self, example_inputs: Any = None) -> PreparedModel:

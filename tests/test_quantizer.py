@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 import qdq
-from qdq import DataError, ModelError, ModuleQuantizerConfig, QuantizationSpec, Quantizer, QuantizerConfig
-from qdq import numerics
+from qdq import DataError, ModelError, ModuleQuantizerConfig, QuantizationSpec, Quantizer, QuantizerConfig, numerics
 from qdq.presets import preset
 
 
@@ -27,7 +25,7 @@ def test_digits_w8a8_accuracy_close_to_fp32(digits_onnx, digits_data) -> None:
     from qdq.calibration.runner import make_session
 
     fp32 = make_session(ref).run(None, {"x": x_te})[0]
-    q, prepared = _calibrated(digits_onnx, x_tr[:512])
+    _, prepared = _calibrated(digits_onnx, x_tr[:512])
     out = prepared(x_te)
     acc_fp32, acc_q = (fp32.argmax(1) == y_te).mean(), (out.argmax(1) == y_te).mean()
     assert acc_q >= acc_fp32 - 0.01
@@ -128,9 +126,8 @@ def test_nan_in_calibration_data_is_rejected(digits_onnx, digits_data) -> None:
     prepared = q.prepare()
     x = digits_data[0][:4].copy()
     x[0, 0, 0, 0] = np.nan
-    with pytest.raises(DataError, match="NaN"):
-        with q.calibration_mode():
-            prepared(x)
+    with pytest.raises(DataError, match="NaN"), q.calibration_mode():
+        prepared(x)
 
 
 def test_input_model_is_never_modified(digits_onnx, digits_data) -> None:
@@ -143,8 +140,10 @@ def test_input_model_is_never_modified(digits_onnx, digits_data) -> None:
 
 def test_already_quantized_model_is_rejected(digits_onnx, digits_data) -> None:
     q, _ = _calibrated(digits_onnx, digits_data[0][:64])
-    with pytest.raises(ModelError, match="already quantized"):
+    with pytest.raises(ModelError, match=r"already quantized .* qdq\.finalize_model\(model, backend\)"):
         Quantizer(q.qdq_model())
+    final = qdq.finalize_model(q.qdq_model(), "onnxruntime")  # the suggested call exists and works
+    assert any(n.op_type == "DequantizeLinear" for n in final.graph)
 
 
 def test_malformed_model_file(tmp_path) -> None:
@@ -217,3 +216,20 @@ def test_bias_correction_config_round_trip() -> None:
     assert not QuantizerConfig().bias_correction
     with pytest.raises(qdq.ConfigError, match="true or false"):
         QuantizerConfig(bias_correction="yes")
+
+
+def test_weight_only_config_collects_channel_means_only_with_data(digits_onnx, digits_data) -> None:
+    """w4 observes no activation, but its bias correction needs the input means: data given -> biases move."""
+    q = Quantizer(digits_onnx, preset("w4"))
+    assert not q.observes_activations and q.needs_data
+    x = digits_data[0][:128]
+    with_data = qdq.quantize(digits_onnx, "w4", [x[:64], x[64:]], progress=False)
+    without = qdq.quantize(digits_onnx, "w4", progress=False)  # no data: bias correction skipped (warned)
+
+    def biases(model):
+        return {n.name: model.graph.initializers[n.inputs[2].name].const_value.numpy()
+                for n in model.graph if n.op_type == "Conv" and len(n.inputs) > 2}
+
+    corrected, plain = biases(with_data), biases(without)
+    assert corrected.keys() == plain.keys() and corrected
+    assert any(not np.array_equal(corrected[k], plain[k]) for k in corrected)

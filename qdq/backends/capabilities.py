@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import onnx_ir as ir
 
 from qdq.dtypes import QDType
 from qdq.errors import BackendError, ConfigError
+from qdq.plan import QuantPlan
 
-__all__ = ["ExportBackend", "BackendCapabilities", "CAPABILITIES", "check_capabilities"]
+__all__ = ["CAPABILITIES", "BackendCapabilities", "ExportBackend", "check_capabilities", "check_plan"]
 
 
 class ExportBackend(enum.Enum):
@@ -92,24 +93,46 @@ def _q_nodes(model: ir.Model) -> Iterator[tuple[str, str, QDType, str]]:
 
 def check_capabilities(model: ir.Model, backend: ExportBackend) -> None:
     """Raise BackendError naming every quantized tensor of ``model`` that ``backend`` cannot run."""
+    _raise_unsupported(_problems(_q_nodes(model), backend), backend)
+
+
+def check_plan(plan: QuantPlan, backend: Any) -> None:
+    """The same check on a plan, before any calibration: every planned (tensor, spec) pair must run on ``backend``."""
+    backend = ExportBackend.parse(backend)
+    pairs = []
+    for t in plan.targets.values():
+        gran = "per_block" if t.layout.block_size is not None else ("per_tensor" if t.layout.axis is None
+                                                                    else "per_channel")
+        pairs.append((t.tensor, "weight" if t.kind in ("weight", "constant") else "activation", t.spec.dtype, gran))
+    _raise_unsupported(_problems(pairs, backend), backend)
+
+
+def _problems(pairs: Iterable[tuple[str, str, QDType, str]], backend: ExportBackend) -> dict[str, list[str]]:
     caps = CAPABILITIES[backend]
     problems: dict[str, list[str]] = {}
-    for tensor, role, dtype, gran in _q_nodes(model):
+    for tensor, role, dtype, gran in pairs:
         dtypes = caps.weight_dtypes if role == "weight" else caps.activation_dtypes
         grans = caps.weight_granularity if role == "weight" else caps.activation_granularity
         if dtype not in dtypes:
             problems.setdefault(f"{dtype} {role}s", []).append(tensor)
         elif gran not in grans:
             problems.setdefault(f"{gran} {role}s", []).append(tensor)
-    if problems:
-        parts = []
-        for what, tensors in problems.items():
-            shown = ", ".join(tensors[:5]) + (f" (+{len(tensors) - 5} more)" if len(tensors) > 5 else "")
-            parts.append(f"{what}: {shown}")
-        raise BackendError(
-            f"{backend.value} does not support " + "; ".join(parts)
-            + f" — change those specs (supported {backend.value} weight dtypes: "
-            + ", ".join(sorted(str(d) for d in caps.weight_dtypes)) + "; activation dtypes: "
-            + ", ".join(sorted(str(d) for d in caps.activation_dtypes))
-            + ") or set them to None in op_type_configs/op_name_configs"
-        )
+    return problems
+
+
+def _raise_unsupported(problems: dict[str, list[str]], backend: ExportBackend) -> None:
+    if not problems:
+        return
+    caps = CAPABILITIES[backend]
+    parts = []
+    for what, tensors in problems.items():
+        tensors = list(dict.fromkeys(tensors))
+        shown = ", ".join(tensors[:5]) + (f" (+{len(tensors) - 5} more)" if len(tensors) > 5 else "")
+        parts.append(f"{what}: {shown}")
+    raise BackendError(
+        f"{backend.value} does not support " + "; ".join(parts)
+        + f" — change those specs (supported {backend.value} weight dtypes: "
+        + ", ".join(sorted(str(d) for d in caps.weight_dtypes)) + "; activation dtypes: "
+        + ", ".join(sorted(str(d) for d in caps.activation_dtypes))
+        + ") or set them to None in op_type_configs/op_name_configs"
+    )
