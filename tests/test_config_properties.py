@@ -12,13 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+from corpus_helpers import conv_model, mlp_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qdq import quantize
 from qdq.config import ModuleQuantizerConfig, QuantizerConfig
 from qdq.dtypes import parse_dtype
-from qdq.errors import ConfigError
+from qdq.errors import ConfigError, QdqError
 from qdq.spec import QuantizationSpec, parse_granularity
 
 SETTINGS = settings(max_examples=250, derandomize=True, database=None, deadline=None,
@@ -217,3 +220,22 @@ def test_any_yaml_bytes_load_or_raise_config_error(data: bytes) -> None:
         path = Path(tmp) / "cfg.yaml"
         path.write_bytes(data)
         _load(QuantizerConfig.from_yaml, path)
+
+
+@settings(max_examples=20, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(VALID["config"])
+def test_configs_that_load_quantize_or_raise_qdq_errors(data: dict[str, Any]) -> None:
+    """End to end on a Conv and a Gemm model: a config that loads either quantizes or is a one-line QdqError.
+
+    (Op type/name configs that match nothing in the model are ConfigErrors; nothing may fail inside qdq.)
+    """
+    if _load(QuantizerConfig.from_dict, data) is None:
+        return
+    rng = np.random.default_rng(0)
+    for model, shape in ((conv_model(), (8, 3, 8, 8)), (mlp_model(), (8, 16))):
+        x = rng.standard_normal(shape).astype(np.float32)
+        try:
+            quantize(model, data, [x[:4], x[4:]], progress=False)
+        except QdqError as exc:
+            assert "\n" not in str(exc) and "internal error" not in str(exc), str(exc)
