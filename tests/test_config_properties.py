@@ -24,7 +24,7 @@ from qdq.dtypes import parse_dtype
 from qdq.errors import ConfigError, QdqError
 from qdq.spec import QuantizationSpec, parse_granularity
 
-SETTINGS = settings(max_examples=250, derandomize=True, database=None, deadline=None,
+SETTINGS = settings(max_examples=200, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 TOP_KEYS = ["global_config", "op_type_configs", "op_name_configs", "qat_schedule", "bias_correction"]
