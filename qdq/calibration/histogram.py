@@ -99,10 +99,12 @@ class _Histogram:
                 np.multiply(f, inv_w, out=f)
                 np.minimum(f, top, out=f)  # values on (or rounded onto) the top edge: into the last bin
             else:
-                # Scale first, then shift by the (small) integer start: no float32 overflow at extremes.
+                # Scale (exact: the width is a power of two) and floor to the absolute bin, then shift by the
+                # integer start: integers in float32 subtract exactly, so a value's bin never depends on start.
                 np.multiply(chunk, inv_w, out=f)
+                np.floor(f, out=f)
                 np.subtract(f, start, out=f)
-                np.clip(f, 0, top, out=f)  # float32 rounding can dip below the first edge by ~1e-4 bin
+                np.clip(f, 0, top, out=f)
             idx[...] = f  # truncation == floor for f >= 0
             # Consecutive values land in different lanes: a run of equal bins (the zeros after a
             # ReLU) no longer serialises the increments. ~1.5x faster than np.bincount here.

@@ -85,6 +85,17 @@ def _observe_reduced(calc: Any, values: tuple[np.ndarray, ...], count: int) -> N
     calc.count += count
 
 
+def _infer_types(model: ir.Model) -> ir.Model:
+    """``model`` with onnx shape inference's types and shapes (the model itself if inference fails)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        return ShapeInferencePass(strict_mode=False).call(model).model
+    except Exception as exc:  # noqa: BLE001  # an exotic op: unknown types only cost speed (copied out)
+        logger.debug("shape inference failed (%s); untyped tensors are reduced on the host", exc)
+        return model
+
+
 def _count_sensitive(calc: Any) -> bool:
     """Whether duplicated samples would change ``calc`` (sums, histograms); min/max ranges are immune."""
     return not isinstance(calc, RangeCalculatorBase)
@@ -110,6 +121,9 @@ class CalibrationRunner:
       (NCHW, [B, S, D], ...). Tensors whose dim 0 is something else ([S, B, D], [B*H, S, D],
       scalars) cannot be cut: their histograms/sums include the copies and a warning says so
       (a batch size that is a multiple of N avoids it).
+
+    Splitting a batch into runs assumes what batched inference always assumes: no op mixes
+    samples (a reduction over the batch axis would see fewer samples per run).
     """
 
     def __init__(self, model: ir.Model, calculators: Mapping[str, Sequence[Any]], *, outputs: bool = False,
@@ -118,6 +132,8 @@ class CalibrationRunner:
         self.inputs: ModelInputs = model_inputs(inputs if inputs is not None else model)
         self.static_batch = self.inputs.static_batch
         clone = model.clone()  # shares the weights: no copy
+        if any(v.dtype is None for node in clone.graph for v in node.outputs if v.name in self.calculators):
+            clone = _infer_types(clone)  # untyped intermediate tensors could not be reduced in the graph
         graph = clone.graph
         self.output_names = [v.name or "" for v in graph.outputs] if outputs else []
         self.input_names = [v.name or "" for v in graph.inputs]
