@@ -1,4 +1,4 @@
-"""QParamsCalculatorBase: the calculator interface and its name registry.
+"""QParamsCalculatorBase: the calculator interface; ``register`` puts a class in :mod:`qdq.calibration.registry`.
 
 A calculator sees one tensor per batch (``observe``) and keeps running statistics only,
 so its memory does not grow with the number of calibration samples. ``qparams()``
@@ -7,7 +7,6 @@ turns the statistics into scale/zero-point with :func:`qdq.qparams.compute_qpara
 
 from __future__ import annotations
 
-import difflib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -15,8 +14,9 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from qdq.calibration import registry
 from qdq.errors import ConfigError, DataError
-from qdq.layout import QLayout
+from qdq.layout import QLayout, reduce_minmax
 from qdq.qparams import QParams, compute_qparams
 from qdq.spec import QuantizationSpec
 
@@ -41,7 +41,6 @@ class QParamsCalculatorBase(ABC):
         class P99(RangeCalculatorBase): ...
     """
 
-    _registry: ClassVar[dict[str, type[QParamsCalculatorBase]]] = {}
     registered_name: ClassVar[str | None] = None
 
     def __init__(self, spec: QuantizationSpec, layout: QLayout, **kwargs: Any) -> None:
@@ -57,40 +56,38 @@ class QParamsCalculatorBase(ABC):
     # ------------------------------------------------------------------ registry
     @classmethod
     def register(cls, name: str) -> Callable[[_C], _C]:
-        """Class decorator: make a calculator usable as ``qparam_calculator_cls=name`` (Python and YAML)."""
+        """Class decorator: make a calculator usable as ``qparam_calculator_cls=name`` (Python and YAML).
+
+        A name already taken by a different class is a ConfigError."""
         if not isinstance(name, str) or not name or name == "default":
             raise ConfigError(f"calculator name must be a non-empty string other than 'default', got {name!r}")
 
         def deco(klass: _C) -> _C:
             if not (isinstance(klass, type) and issubclass(klass, QParamsCalculatorBase)):
                 raise ConfigError(f"{klass!r} must subclass QParamsCalculatorBase to be registered")
-            existing = cls._registry.get(name)
-            if existing is not None and existing.__qualname__ != klass.__qualname__:
-                raise ConfigError(
-                    f"a calculator named '{name}' is already registered ({existing.__qualname__}); pick another name"
-                )
+            try:
+                registry.add(name, klass)
+            except registry.DuplicateCalculatorError as exc:
+                raise ConfigError(str(exc)) from None
             klass.registered_name = name
-            cls._registry[name] = klass
             return klass
 
         return deco
 
     @classmethod
     def names(cls) -> list[str]:
-        _load_builtins()
-        return sorted(cls._registry)
+        return registry.names()
 
     @classmethod
     def check_name(cls, name: str) -> None:
         """Raise a ConfigError naming close matches when ``name`` is not registered."""
         if name == "default":
             return
-        _load_builtins()
-        if name not in cls._registry:
-            close = difflib.get_close_matches(name, cls._registry, n=3)
+        if registry.get(name) is None:
+            close = registry.close_matches(name)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(
-                f"unknown qparam_calculator_cls '{name}'{hint}; registered: {', '.join(sorted(cls._registry))} "
+                f"unknown qparam_calculator_cls '{name}'{hint}; registered: {', '.join(registry.names())} "
                 "(register your own with @QParamsCalculatorBase.register)"
             )
 
@@ -101,7 +98,10 @@ class QParamsCalculatorBase(ABC):
         if name == "default":
             name = "static" if is_weight else "moving_average"
         cls.check_name(name)
-        return cls._registry[name](spec, layout, **dict(spec.calculator_kwargs))
+        klass = registry.get(name)
+        assert klass is not None
+        calc: QParamsCalculatorBase = klass(spec, layout, **dict(spec.calculator_kwargs))
+        return calc
 
     # ------------------------------------------------------------------ interface
     #: True when a batch may be fed in pieces (``observe_chunk`` ... ``end_batch``) with the same
@@ -200,8 +200,6 @@ class RangeCalculatorBase(QParamsCalculatorBase):
         return ("minmax", self.layout.axis)
 
     def observe_chunk(self, x: np.ndarray) -> None:
-        from qdq.layout import reduce_minmax
-
         self.observe_reduced(reduce_minmax(x, self.layout), 0)
 
     def observe_reduced(self, values: tuple[np.ndarray, ...], count: int) -> None:
@@ -222,14 +220,3 @@ class RangeCalculatorBase(QParamsCalculatorBase):
     def compute_range(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.min_val is not None and self.max_val is not None
         return self.min_val, self.max_val
-
-
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        import qdq.calibration.minmax  # noqa: F401
-        import qdq.calibration.histogram  # noqa: F401
