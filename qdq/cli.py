@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qdq", description="ONNX quantization: QDQ rewrite, calibration, finalize, validate.",
                      parents=[_global_options(True)])
     parser.add_argument("--version", action="version", version=f"qdq {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    common = [_global_options(False)]
+    sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common: list[argparse.ArgumentParser] = [_global_options(False)]
 
     q = sub.add_parser("quantize", help="quantize an ONNX model", parents=common)
     q.add_argument("model", help="FP32 ONNX model")
@@ -168,6 +168,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     names = [v.name or "" for v in fp32.graph.inputs]
     data = open_data(args.data, names, image_size=args.image_size, mean=args.mean, std=args.std,
                      num_samples=args.num_samples, input_shapes=input_shapes(fp32), role="evaluation")
+    labels: np.ndarray | None
     if args.labels:
         labels = np.asarray(labels_from_file(args.labels))[: len(data)]
     else:  # image folders named "<label>_..." carry their labels
@@ -211,7 +212,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             by_node.setdefault(op, []).append(f"{t.tensor}:{t.kind[0]}:{t.spec.dtype}")
     print(f"{'node':40s} {'op type':18s} quantized tensors (w=weight a=activation c=constant)")
     for node in model.graph:
-        print(f"{node.name[:40]:40s} {node.op_type:18s} {' '.join(by_node.get(node.name, []))}")
+        name = node.name or ""
+        print(f"{name[:40]:40s} {node.op_type:18s} {' '.join(by_node.get(name, []))}")
     print(f"\n{plan.summary()}")
     return 0
 

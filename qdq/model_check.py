@@ -55,6 +55,10 @@ def check_proto(proto: onnx.ModelProto, *, source: str, base_dir: str | os.PathL
         raise ModelError(f"{source} uses opset {opset}; qdq reads opset {MIN_OPSET} and newer: re-export it at opset "
                          "13 or newer")
     _check_wiring(proto.graph, source)
+    for node in proto.graph.node:  # before the checker, which only prints a warning for experimental ops
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            raise ModelError(f"{source}: op {node.op_type} (node '{node.name}') is not a standard ONNX op "
+                             "(unknown, experimental or removed from ONNX); replace it and re-export the model")
     external = _external_tensors(proto.graph)
     if base_dir is not None:
         for tensor in external:

@@ -79,9 +79,9 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
 
         cfg = with_activation_calculator(cfg, calibrator)
     backend = ExportBackend.parse(backend)
-    model_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    reads = [Path(p) for p in (model, calibration_data) if isinstance(p, (str, os.PathLike))]
     if output is not None:
-        check_output_path(output, inputs=[model_path] if model_path is not None else [])
+        check_output_path(output, inputs=reads)  # never the model or the data file qdq reads
     quantizer = Quantizer(model, cfg)
     if output is not None:
         check_output_path(output, inputs=external_locations(quantizer.float_model))

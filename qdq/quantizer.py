@@ -170,7 +170,8 @@ class Quantizer:
             calc = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=t.kind == "weight")
             if t.kind != "activation":
                 value = self.float_model.graph.initializers.get(t.tensor)
-                tensor = value.const_value if value is not None else self._constant(t.tensor)
+                tensor = value.const_value if value is not None and value.const_value is not None \
+                    else self._constant(t.tensor)
                 calc.observe(np.asarray(tensor.numpy(), np.float32))
             self._calculators[key] = calc
         self._runner = None

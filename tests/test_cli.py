@@ -239,6 +239,7 @@ def _argv(model: Path, out: Path, data: Path, *extra: str) -> list[str]:
     ("mean-count", 2, ["mean", "3"]),
     ("output-unwritable", 2, ["/proc", "choose another -o"]),
     ("output-symlink-to-input", 2, ["-o", "input"]),
+    ("output-is-the-data", 2, ["-o", "calib.npy", "input"]),
     ("fp8-on-coreml", 1, ["coreml does not support float8_e4m3fn", "conv1.weight"]),
 ])
 def test_user_mistakes_fail_before_any_work(capsys, tmp_path, digits_onnx, digits_data, case, code, words) -> None:
@@ -259,6 +260,9 @@ def test_user_mistakes_fail_before_any_work(capsys, tmp_path, digits_onnx, digit
     if case == "output-symlink-to-input":
         out = tmp_path / "link.onnx"
         out.symlink_to(model)
+    if case == "output-is-the-data":
+        out = work / "sub" / ".." / "calib.npy"  # another spelling of the calibration file
+        (work / "sub").mkdir()
     before = _files(work)
     try:
         got = main(["--quiet", *_argv(model, out, data, *extra)])

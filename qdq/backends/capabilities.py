@@ -77,7 +77,8 @@ def _q_nodes(model: ir.Model) -> Iterator[tuple[str, str, QDType, str]]:
         if node.op_type == "DequantizeLinear" and (src is None or src.const_value is None):
             continue  # activation DQ: its Q is checked
         zp = node.inputs[2] if len(node.inputs) > 2 else None
-        ir_dtype = zp.dtype if zp is not None else (src.dtype if node.op_type == "DequantizeLinear" else None)
+        ir_dtype = zp.dtype if zp is not None else (
+            src.dtype if node.op_type == "DequantizeLinear" and src is not None else None)
         try:
             dtype = QDType.from_ir(ir_dtype) if ir_dtype is not None else QDType.UINT8
         except KeyError:
