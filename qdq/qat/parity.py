@@ -13,9 +13,8 @@ error bound of a rounding boundary (``near``) and the differing codes outside th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import math
+from typing import Any
 
 import ml_dtypes
 import numpy as np
