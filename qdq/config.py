@@ -123,8 +123,9 @@ class ModuleQuantizerConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         extra = [k for k in data if not isinstance(k, str) or k not in valid]
         if extra:
-            raise ConfigError(f"unknown key(s) {show(extra)} in {where}{_did_you_mean(extra, valid)}; "
-                              f"valid keys: {valid}")
+            hint = next((f" ({k} is called {_MODULE_ALIASES[k]} here)" for k in extra if k in _MODULE_ALIASES),
+                        _did_you_mean(extra, valid))
+            raise ConfigError(f"unknown key(s) {show(extra)} in {where}{hint}; valid keys: {valid}")
         try:
             return cls(**dict(data))
         except ConfigError as exc:
@@ -139,6 +140,12 @@ class ModuleQuantizerConfig:
             if key is not None and key in table:
                 return table[key]
         return table.get("*")
+
+
+#: Names users write for ModuleQuantizerConfig keys (other toolkits' spellings) -> ours.
+_MODULE_ALIASES = {"op_weight_spec": "op_state_spec", "weight_spec": "op_state_spec", "op_param_spec": "op_state_spec",
+                   "op_activation_spec": "op_output_spec", "activation_spec": "op_output_spec",
+                   "input_spec": "op_input_spec", "output_spec": "op_output_spec"}
 
 
 def _did_you_mean(keys: list[Any], valid: Any) -> str:

@@ -263,11 +263,32 @@ def _external_ok(d: Path) -> Path:
     return _external(d)
 
 
+def _initializers_as_inputs(d: Path) -> Path:  # IR < 4 habit of old model zoo files: weights listed as inputs
+    m = conv_model()
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return save_model(m, d / "zoo_style.onnx")
+
+
+def _odd_path(d: Path) -> Path:
+    return save_model(conv_model(), d / "mödel with spaces" / "ünïcode.onnx")
+
+
+def _symlinked_model(d: Path) -> Path:
+    target = save_model(conv_model(), d / "real" / "conv.onnx")
+    link = d / "link.onnx"
+    link.symlink_to(target)
+    return link
+
+
 VALID_CASES: dict[str, Callable[[Path], Path]] = {
     "opset7": _opset7,
     "opset11": _opset11,
     "static-batch-1": _static_batch_1,
     "external-data-beside-model": _external_ok,
+    "initializers-listed-as-inputs": _initializers_as_inputs,
+    "unicode-and-spaces-in-path": _odd_path,
+    "model-is-a-symlink": _symlinked_model,
 }
 
 
