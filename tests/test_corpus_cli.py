@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from corpus_helpers import Words, assert_cli_error, assert_one_error_line, conv_model, save_model, snapshot
+from corpus_helpers import Words, assert_cli_error, assert_one_error_line, conv_model, run_cli, save_model, snapshot
 
 Argv = list[str]
 
@@ -43,9 +43,11 @@ def _images(d: Path) -> Path:
     return folder
 
 
-def _q(d: Path, *extra: str, data: Path | None = None) -> Argv:
+def _q(d: Path, *extra: str, data: Path | None = None, out: Path | None = None) -> Argv:
+    """``quantize conv.onnx -o OUT --calib-data DATA EXTRA...`` with the model and data written into ``d``."""
     data = data if data is not None else _calib(d)
-    return ["quantize", str(_conv(d)), "-o", str(d / "q.onnx"), "--calib-data", str(data), *extra]
+    out = out if out is not None else d / "q.onnx"
+    return ["quantize", str(_conv(d)), "-o", str(out), "--calib-data", str(data), *extra]
 
 
 # ----------------------------------------------------------------------------- YAML configs (exit 2)
@@ -150,10 +152,10 @@ OPTION_CASES: dict[str, tuple[Callable[[Path], Argv], Words]] = {
     "unknown-backend": (lambda d: _q(d, "--backend", "tensorrt"), ["tensorrt", "onnxruntime"]),
     "unknown-calibrator": (lambda d: _q(d, "--calibrator", "percentil"), ["percentil", "percentile"]),
     "preset-and-config": (lambda d: _q(d, "--preset", "int8", "--config", str(d / "c.yaml")), ["--config"]),
-    "missing-output-option": (lambda d: _q(d)[:2] + _q(d)[4:], ["-o"]),
+    "missing-output-option": (lambda d: [a for a in _q(d) if a not in ("-o", str(d / "q.onnx"))], ["-o"]),
     "unknown-option": (lambda d: _q(d, "--bits", "4"), ["--bits"]),
     "unknown-command": (lambda d: ["quantise", str(_conv(d))], ["quantise"]),
-    "activations-without-calib-data": (lambda d: _q(d)[:4], ["--calib-data"]),
+    "activations-without-calib-data": (lambda d: _q(d)[:4], ["--calib-data"]),  # quantize M -o OUT
     "export-factory-malformed": (lambda d: ["export", "--model", "models.tiny", "-o", str(d / "q.onnx")],
                                  ["models.tiny", "module:factory"]),
     "export-factory-missing": (lambda d: ["export", "--model", "models.nothere:factory", "-o", str(d / "q.onnx")],
@@ -173,8 +175,6 @@ def test_quiet_after_subcommand_keeps_errors_one_line(capfd, tmp_path: Path) -> 
     argv = ["quantize", str(_conv(tmp_path)), "-o", str(tmp_path / "q.onnx"), "--calib-data",
             str(tmp_path / "nothere.npy"), "--quiet"]
     before = snapshot(tmp_path)
-    from corpus_helpers import run_cli
-
     code, out, err = run_cli(capfd, argv)
     assert code == 1, err
     assert out == ""
@@ -187,24 +187,24 @@ def test_quiet_after_subcommand_keeps_errors_one_line(capfd, tmp_path: Path) -> 
 
 def _out_folder_missing(d: Path) -> tuple[Argv, Path]:
     out = d / "no_such_folder" / "q.onnx"
-    return _q(d)[:3] + [str(out)] + _q(d)[4:], out
+    return _q(d, out=out), out
 
 
 def _out_parent_is_file(d: Path) -> tuple[Argv, Path]:
     (d / "notes.txt").write_text("a file, not a folder\n")
     out = d / "notes.txt" / "q.onnx"
-    return _q(d)[:3] + [str(out)] + _q(d)[4:], out
+    return _q(d, out=out), out
 
 
 def _out_unwritable(d: Path) -> tuple[Argv, Path]:
     out = Path("/proc/qdq-corpus-q.onnx")  # writes fail here even for root
-    return _q(d)[:3] + [str(out)] + _q(d)[4:], out
+    return _q(d, out=out), out
 
 
 def _out_is_directory(d: Path) -> tuple[Argv, Path]:
     out = d / "results"
     out.mkdir()
-    return _q(d)[:3] + [str(out)] + _q(d)[4:], out
+    return _q(d, out=out), out
 
 
 def _out_is_input(d: Path) -> tuple[Argv, Path]:
