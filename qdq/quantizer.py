@@ -297,14 +297,13 @@ def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime) -> ir.M
 
     Returns a new model; the input is not modified.
     """
-    from qdq.backends.pipelines import finalize_passes
+    from qdq.backends.pipelines import run_finalize
 
     backend = ExportBackend.parse(backend)
     base = load_model(model)
     model = base.clone()
     check_capabilities(model, backend)
-    for p in finalize_passes(backend):
-        p(model)
+    run_finalize(model, backend)  # the backend's passes, through onnx_ir's PassManager
     return model
 
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 torch = pytest.importorskip("torch")
 
 from qdq.backends import ExportBackend
-from qdq.calibration.runner import make_session
+from qdq.session import make_session
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, ModelError
 from qdq.model_io import load_model

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from qdq.calibration.runner import make_session
+from qdq.session import make_session
 from qdq.model_io import load_model
 from qdq.qat.onnx_module import OnnxModule
 

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qdq.calibration.runner import make_session
+from qdq.session import make_session
 from qdq.config import QuantizerConfig
 from qdq.qat import QATQuantizer
 from qdq.quantizer import Quantizer

@@ -36,13 +36,13 @@ def optimized_model(model: Any, *, level: str = "all") -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs after its optimizations (``level``: all / extended / basic)."""
     import onnxruntime as ort
 
-    from qdq.calibration.runner import session_options
+    from qdq.session import DEFAULT_PROVIDERS, session_options
 
-    opts = session_options(level)
+    opts = session_options(level)  # the session module's options; only the optimized-graph dump is added here
     with tempfile.TemporaryDirectory(prefix="qdq_ort_") as tmp:
         out = Path(tmp) / "optimized.onnx"
         opts.optimized_model_filepath = str(out)
-        ort.InferenceSession(to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(to_proto(model).SerializeToString(), opts, providers=list(DEFAULT_PROVIDERS))
         return onnx.load(str(out))
 
 

@@ -13,11 +13,14 @@ onnxruntime (CPU, ``ORT_ENABLE_ALL``), in order:
 6. :class:`StripMetadataPass` - qdq metadata kept on activation Q nodes only; exporter debug info dropped.
 
 Core ML / Core AI: weight folding only (their converters read the integer weights).
+
+:func:`finalize_pipeline` composes them in an ``onnx_ir.passes.PassManager``; :func:`run_finalize`
+runs it on a model in place (what :func:`qdq.quantizer.finalize_model` does on a copy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import onnx_ir as ir
 
@@ -29,11 +32,13 @@ from qdq.passes.fp8_activations_as_casts import Fp8ActivationsAsCastsPass
 from qdq.passes.quantize_bias import QuantizeBiasPass
 from qdq.passes.strip_metadata import StripMetadataPass
 
-__all__ = ["finalize_passes"]
+__all__ = ["finalize_passes", "finalize_pipeline", "run_finalize"]
+
+logger = logging.getLogger(__name__)
 
 
-def finalize_passes(backend: ExportBackend) -> list[Callable[[ir.Model], object]]:
-    """Passes (callables on an ``onnx_ir.Model``, in place) that legalize a prepared QDQ model."""
+def finalize_passes(backend: ExportBackend) -> list[ir.passes.InPlacePass]:
+    """The in-place passes that legalize a prepared QDQ model for ``backend``, in order."""
     if backend is ExportBackend.ONNXRuntime:
         return [
             Fp8ActivationsAsCastsPass(),
@@ -46,3 +51,15 @@ def finalize_passes(backend: ExportBackend) -> list[Callable[[ir.Model], object]
     if backend in (ExportBackend.CoreML, ExportBackend.CoreAI):
         return [FoldWeightsPass()]
     return []
+
+
+def finalize_pipeline(backend: ExportBackend) -> ir.passes.PassManager:
+    """:func:`finalize_passes` as one pass: each runs once, in order."""
+    return ir.passes.PassManager(finalize_passes(backend), steps=1)
+
+
+def run_finalize(model: ir.Model, backend: ExportBackend) -> ir.passes.PassResult:
+    """Legalize ``model`` for ``backend`` in place; the result says whether any pass changed it."""
+    result = finalize_pipeline(backend)(model)
+    logger.debug("finalize for %s: %s", backend.value, "modified" if result.modified else "unchanged")
+    return result

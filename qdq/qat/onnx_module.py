@@ -623,7 +623,7 @@ def _last_uses(steps: list[_Step], keep: set[str]) -> list[list[str]]:
 
 def _ort_fallback(node: ir.Node, model: ir.Model) -> OpFn:
     """Run one node in onnxruntime (forward only): for float nodes without a torch implementation."""
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    from qdq.session import make_session
 
     proto = ir.serde.serialize_node(node)
     n_in = len(node.inputs)
@@ -654,9 +654,7 @@ def _ort_fallback(node: ir.Node, model: ir.Model) -> OpFn:
             outputs = [onnx.helper.make_tensor_value_info(f"out{i}", t, None) for i, t in enumerate(out_types)]
             g = onnx.helper.make_graph([proto], "fallback", inputs, outputs)
             m = onnx.helper.make_model(g, opset_imports=opsets, ir_version=model.ir_version)
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            sessions[sig] = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sessions[sig] = make_session(m, label=f"fallback model of node '{node.name}' ({node.op_type})")
         feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
         device = next((t.device for t in ins if isinstance(t, torch.Tensor)), torch.device("cpu"))
         return tuple(torch.from_numpy(np.array(o, copy=True)).to(device) for o in sessions[sig].run(None, feeds))

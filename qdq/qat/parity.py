@@ -21,10 +21,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qdq import numerics
-from qdq.calibration.runner import as_feeds, make_session
+from qdq.calibration.runner import as_feeds
 from qdq.dtypes import QDType
 from qdq.model_io import load_model
 from qdq.qat.onnx_module import OnnxModule
+from qdq.session import make_session
 
 __all__ = ["CodeParity", "accumulation_length", "code_parity", "summarize", "unexplained"]
 

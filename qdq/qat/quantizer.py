@@ -320,7 +320,8 @@ class QATQuantizer:
     def compare_with_onnxruntime(self, model: Any, example_inputs: Any, *, level: str = "none") -> float:
         """Largest absolute output difference between ``model`` in onnxruntime (optimization ``level``)
         and the mirror in eval mode."""
-        from qdq.calibration.runner import as_feeds, make_session
+        from qdq.calibration.runner import as_feeds
+        from qdq.session import make_session
 
         m = self._require()
         args = _as_args(example_inputs)
