@@ -42,49 +42,37 @@ from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
 
 from qdq.dtypes import QDType
 from qdq.errors import DataError, ModelError
-from qdq.layout import QLayout
 from qdq.ops import OP_TABLE
 from qdq.passes.insert_qdq import zero_point_array
+from qdq.qat import ops_compute, ops_elementwise, ops_shape  # noqa: F401  (register the built-in ops)
 from qdq.qat.fake_quant import FakeQuantize
+from qdq.qat.ort_fallback import ort_fallback
+from qdq.qat.sites import (
+    QDQ_DOMAINS,
+    FakeQuantSite,
+    bias_quant_sites,
+    infer_spec,
+    is_qdq,
+    only_qparams,
+    pair_of,
+    q_layout,
+    with_bias_quant,
+)
 from qdq.qat.torch_ops import CompileContext, OpFn, constant_attr_value, get_op, supported_ops
 from qdq.qparams import QParams
-from qdq.spec import PerBlockGranularity, PerChannelGranularity, QScheme, QuantizationSpec
+from qdq.spec import QuantizationSpec
 
 __all__ = ["FakeQuantSite", "OnnxModule"]
 
 logger = logging.getLogger(__name__)
 
-_QDQ_DOMAINS = ("", "ai.onnx")
 _NORM_OPS = {"LayerNormalization": (1, 2), "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2)}
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeQuantSite:
-    """One Q->DQ pair of the graph as the mirror sees it.
-
-    ``key`` is the target key; ``root`` the key whose qparams it uses (itself unless shared);
-    ``codes`` / ``output`` are the names of the Q output (quantized codes) and DQ output.
-    """
-
-    key: str
-    root: str
-    tensor: str
-    kind: str
-    q_node: str
-    dq_node: str
-    codes: str
-    output: str
-
-    @property
-    def shared(self) -> bool:
-        return self.root != self.key
 
 
 @dataclasses.dataclass
@@ -111,50 +99,6 @@ def _sanitize(name: str, taken: set[str]) -> str:
 
 def _name(value: ir.Value | None) -> str:
     return "" if value is None else (value.name or "")
-
-
-def _is_qdq(node: ir.Node, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in _QDQ_DOMAINS
-
-
-def _pair_of(q: ir.Node) -> ir.Node:
-    """The DequantizeLinear that reads ``q``'s output with the same scale/zero point."""
-    out = q.outputs[0]
-    consumers = {id(u.node): u.node for u in out.uses()}
-    dq = next(iter(consumers.values())) if len(consumers) == 1 else None
-    zp_q = q.inputs[2] if len(q.inputs) > 2 else None
-    ok = (dq is not None and _is_qdq(dq, "DequantizeLinear") and not out.is_graph_output()
-          and dq.inputs[1] is q.inputs[1] and (dq.inputs[2] if len(dq.inputs) > 2 else None) is zp_q)
-    if not ok:
-        raise ModelError(
-            f"QuantizeLinear '{q.name}' is not followed by exactly one matching DequantizeLinear; the QAT mirror "
-            "needs the prepared QDQ form (float weights -> Q -> DQ); build it with qdq's Quantizer, not finalize"
-        )
-    return dq  # type: ignore[return-value]
-
-
-def _infer_spec(zp: np.ndarray, dtype: QDType, scale: np.ndarray, axis: int | None, block: int | None) -> QuantizationSpec:
-    """A spec for a Q node without ``qdq.spec`` metadata (zero point decides the scheme)."""
-    nonzero = (not dtype.is_float) and np.any(zp.astype(np.int64) != (0 if dtype.is_signed else (dtype.qmax + 1) // 2))
-    gran: Any = "per_tensor"
-    if block is not None:
-        gran = PerBlockGranularity(axis=axis, block_size=block)
-    elif axis is not None:
-        gran = PerChannelGranularity(axis=axis)
-    return QuantizationSpec(dtype=dtype, qscheme=QScheme.ASYMMETRIC if nonzero else QScheme.SYMMETRIC,
-                            granularity=gran)
-
-
-def _layout(q: ir.Node, scale: np.ndarray, rank: int | None) -> QLayout:
-    block = q.attributes.get_int("block_size", 0) or None
-    if "axis" not in q.attributes and block is None and scale.size == 1:
-        return QLayout()
-    axis = q.attributes.get_int("axis", 1)
-    if axis < 0:
-        if rank is None:
-            raise ModelError(f"QuantizeLinear '{q.name}': negative axis on a tensor of unknown rank")
-        axis += rank
-    return QLayout(axis=axis, block_size=block)
 
 
 class _Store(nn.Module):
@@ -194,11 +138,11 @@ class OnnxModule(nn.Module):
 
         pairs: dict[int, ir.Node] = {}
         for node in graph:
-            if _is_qdq(node, "QuantizeLinear"):
-                pairs[id(node)] = _pair_of(node)
+            if is_qdq(node, "QuantizeLinear"):
+                pairs[id(node)] = pair_of(node)
         paired_dq = {id(dq) for dq in pairs.values()}
         for node in graph:
-            if _is_qdq(node, "DequantizeLinear") and id(node) not in paired_dq:
+            if is_qdq(node, "DequantizeLinear") and id(node) not in paired_dq:
                 raise ModelError(
                     f"DequantizeLinear '{node.name}' has no QuantizeLinear before it (an already finalized model?); "
                     "the QAT mirror needs the prepared QDQ form with float weights"
@@ -211,7 +155,7 @@ class OnnxModule(nn.Module):
         taken: set[str] = set()
         trainable = _trainable_initializers(graph, pairs)
         for name, value in graph.initializers.items():
-            if value.const_value is None or _only_qparams(value):
+            if value.const_value is None or only_qparams(value):
                 continue
             arr = value.const_value.numpy()
             tensor = _to_torch(arr, f"initializer '{name}'")
@@ -232,7 +176,7 @@ class OnnxModule(nn.Module):
         steps: list[_Step] = []
         fallback = set(fallback_nodes)
         for node in graph:
-            if node.op_type == "Constant" and node.domain in _QDQ_DOMAINS:
+            if node.op_type == "Constant" and node.domain in QDQ_DOMAINS:
                 attr = _sanitize(node.outputs[0].name or node.name or "const", taken)
                 self.store.register_buffer(attr, _to_torch(constant_attr_value(node), f"Constant '{node.name}'"))
                 self._tensor_attr[node.outputs[0].name or ""] = attr
@@ -245,9 +189,9 @@ class OnnxModule(nn.Module):
                                    (site.output,), site=site))
                 continue
             run = self._compile(node, ctx, fallback, model)
-            bias_sites = _bias_quant_sites(node, self.sites) if quantize_bias else None
+            bias_sites = bias_quant_sites(node, self.sites) if quantize_bias else None
             if bias_sites is not None:
-                run = _with_bias_quant(run, *bias_sites)
+                run = with_bias_quant(run, *bias_sites)
             steps.append(_Step(node.name or "", node.op_type, tuple((v.name or "") if v is not None else ""
                                                                       for v in node.inputs),
                                tuple(v.name or "" for v in node.outputs), run=run))
@@ -265,8 +209,8 @@ class OnnxModule(nn.Module):
         if node.name in fallback:
             logger.warning("node '%s' (%s) has no torch implementation; it runs in onnxruntime without gradients",
                            node.name, node.op_type)
-            return _ort_fallback(node, model)
-        domain = f"{node.domain}::" if node.domain not in _QDQ_DOMAINS else ""
+            return ort_fallback(node, model)
+        domain = f"{node.domain}::" if node.domain not in QDQ_DOMAINS else ""
         raise ModelError(
             f"the QAT mirror cannot run node '{node.name}' ({domain}{node.op_type}): no torch implementation. "
             f"Leave it float with op_name_configs={{'{node.name}': None}} (the mirror then runs it in onnxruntime, "
@@ -304,9 +248,9 @@ class OnnxModule(nn.Module):
             zp = np.zeros(scale.shape, np.float32) if dtype.is_float else np.asarray(zp_raw).astype(np.int32)
             rank = len(x.shape) if x.shape is not None else (
                 len(x.const_value.shape) if x.const_value is not None else None)
-            layout = _layout(q, scale, rank)
+            layout = q_layout(q, scale, rank)
             spec = (QuantizationSpec.from_dict(json.loads(meta["qdq.spec"])) if "qdq.spec" in meta
-                    else _infer_spec(zp, dtype, scale, layout.axis, layout.block_size))
+                    else infer_spec(zp, dtype, scale, layout.axis, layout.block_size))
             if learnable is not None:
                 want = learnable in (True, "all") or learnable == ("weights" if kind == "weight" else "activations")
                 if kind == "constant":
@@ -490,14 +434,6 @@ class OnnxModule(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-def _only_qparams(value: ir.Value) -> bool:
-    """True for scale/zero-point initializers (read only by Q/DQ at inputs 1 and 2)."""
-    uses = list(value.uses())
-    return bool(uses) and all(
-        (_is_qdq(u.node, "QuantizeLinear") or _is_qdq(u.node, "DequantizeLinear")) and u.idx in (1, 2) for u in uses
-    )
-
-
 def _to_torch(arr: np.ndarray, what: str) -> torch.Tensor:
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiub" or arr.dtype.itemsize == 0 or arr.dtype.name.startswith(("float8", "int4", "uint4")):
@@ -512,9 +448,9 @@ def _weight_source(value: ir.Value | None) -> ir.Value | None:
     if value.is_initializer():
         return value
     dq = value.producer()
-    if dq is not None and _is_qdq(dq, "DequantizeLinear"):
+    if dq is not None and is_qdq(dq, "DequantizeLinear"):
         q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-        if q is not None and _is_qdq(q, "QuantizeLinear") and q.inputs[0] is not None and q.inputs[0].is_initializer():
+        if q is not None and is_qdq(q, "QuantizeLinear") and q.inputs[0] is not None and q.inputs[0].is_initializer():
             return q.inputs[0]
     return None
 
@@ -530,7 +466,7 @@ def _trainable_initializers(graph: ir.Graph, pairs: Mapping[int, ir.Node]) -> se
             names.add(src.name)
 
     for node in graph:
-        if _is_qdq(node, "QuantizeLinear") and node.metadata_props.get("qdq.kind") == "weight":
+        if is_qdq(node, "QuantizeLinear") and node.metadata_props.get("qdq.kind") == "weight":
             add(node.inputs[0])
             continue
         info = OP_TABLE.get(node.op_type)
@@ -553,60 +489,6 @@ def _trainable_initializers(graph: ir.Graph, pairs: Mapping[int, ir.Node]) -> se
     return names
 
 
-def _site_of_dq_output(value: ir.Value | None, sites: Mapping[str, FakeQuantSite]) -> FakeQuantSite | None:
-    producer = value.producer() if value is not None else None
-    if producer is None or not _is_qdq(producer, "DequantizeLinear"):
-        return None
-    return next((s for s in sites.values() if s.dq_node == producer.name), None)
-
-
-def _bias_quant_sites(node: ir.Node, sites: Mapping[str, FakeQuantSite]) -> tuple[str, str] | None:
-    """(input root, weight root) when onnxruntime's finalize quantizes this node's bias to int32.
-
-    Eligibility is :func:`qdq.passes.quantize_bias.bias_qparams`'s (the finalize pass itself: 8-bit
-    input and weight, per-tensor input, per-tensor or per-output-channel weight, constant 1-D float
-    bias); the scale ``s_x * s_w`` is taken from the fake-quants at every forward, so it follows
-    training.
-    """
-    from qdq.passes.quantize_bias import bias_qparams
-
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
-        return None
-    bias = node.inputs[2]
-    if (not bias.is_initializer() or bias.const_value is None or bias.dtype != ir.DataType.FLOAT
-            or len(bias.const_value.shape) != 1 or bias_qparams(node) is None):
-        return None
-    xs, ws = _site_of_dq_output(node.inputs[0], sites), _site_of_dq_output(node.inputs[1], sites)
-    if xs is None or ws is None:
-        return None
-    return xs.root, ws.root
-
-
-class _BiasFakeQuant(torch.autograd.Function):
-    """int32 bias fake quantization with a straight-through gradient for the bias."""
-
-    @staticmethod
-    def forward(ctx: Any, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        q = torch.round(bias / scale).clamp(-(2.0**31), 2.0**31 - 128)
-        return q * scale
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return grad, None
-
-
-def _with_bias_quant(run: OpFn, x_root: str, w_root: str) -> OpFn:
-    def wrapped(ins: Any, state: Any) -> Any:
-        fx, fw = state.fake_quant(x_root), state.fake_quant(w_root)
-        if fx.fake_quant_enabled and fw.fake_quant_enabled and ins[2] is not None:
-            scale = fx.scale.detach().reshape(()) * fw.scale.detach()
-            ins = list(ins)
-            ins[2] = _BiasFakeQuant.apply(ins[2].to(torch.float32), scale.reshape(-1) if scale.dim() else scale)
-        return run(ins, state)
-
-    return wrapped
-
-
 def _last_uses(steps: list[_Step], keep: set[str]) -> list[list[str]]:
     """For each step, the values no later step reads (freed after it to bound memory)."""
     last: dict[str, int] = {}
@@ -621,42 +503,3 @@ def _last_uses(steps: list[_Step], keep: set[str]) -> list[list[str]]:
     return free
 
 
-def _ort_fallback(node: ir.Node, model: ir.Model) -> OpFn:
-    """Run one node in onnxruntime (forward only): for float nodes without a torch implementation."""
-    from qdq.session import make_session
-
-    proto = ir.serde.serialize_node(node)
-    n_in = len(node.inputs)
-    del proto.input[:]
-    proto.input.extend([f"in{i}" if node.inputs[i] is not None else "" for i in range(n_in)])
-    del proto.output[:]
-    proto.output.extend([f"out{i}" for i in range(len(node.outputs))])
-    out_types = []
-    for out in node.outputs:
-        if out.dtype is None:
-            raise ModelError(f"node '{node.name}' ({node.op_type}): output type unknown, cannot run it in onnxruntime")
-        out_types.append(int(out.dtype))
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
-    sessions: dict[tuple[Any, ...], Any] = {}
-
-    def run(ins: Any, state: Any) -> tuple[torch.Tensor, ...]:
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ins):
-            raise ModelError(
-                f"node '{node.name}' ({node.op_type}) runs in onnxruntime (no torch implementation), so gradients "
-                f"cannot flow through it; register one with @qdq.qat.register_op('{node.op_type}')"
-            )
-        arrays = [None if t is None else t.detach().cpu().numpy() for t in ins]
-        sig = tuple(None if a is None else (a.dtype.str, a.ndim) for a in arrays)
-        if sig not in sessions:
-            inputs = [onnx.helper.make_tensor_value_info(f"in{i}", onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
-                                                         [None] * a.ndim)
-                      for i, a in enumerate(arrays) if a is not None]
-            outputs = [onnx.helper.make_tensor_value_info(f"out{i}", t, None) for i, t in enumerate(out_types)]
-            g = onnx.helper.make_graph([proto], "fallback", inputs, outputs)
-            m = onnx.helper.make_model(g, opset_imports=opsets, ir_version=model.ir_version)
-            sessions[sig] = make_session(m, label=f"fallback model of node '{node.name}' ({node.op_type})")
-        feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
-        device = next((t.device for t in ins if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        return tuple(torch.from_numpy(np.array(o, copy=True)).to(device) for o in sessions[sig].run(None, feeds))
-
-    return run
