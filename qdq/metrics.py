@@ -121,7 +121,7 @@ class OutputMetrics:
     name: str
     sqnr_db: float
     max_abs_diff: float
-    top1_agreement: float | None = None  #: None when the output is not class scores [N, classes]
+    top1_agreement: float | None = None  #: None unless the output looks like class scores [N, classes]
     fp32_accuracy: float | None = None  #: None without labels or when the output is not [N, classes]
     quant_accuracy: float | None = None
     cosine: float | None = None  #: mean per-sample cosine similarity of FP32 and quantized outputs

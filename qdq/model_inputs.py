@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qdq.errors import DataError, ModelError, first_line
 
-__all__ = ["Chunk", "Dim", "InputSpec", "ModelInputs", "fmt_shape", "iter_chunks", "join_outputs", "model_inputs"]
+__all__ = ["Chunk", "Dim", "InputSpec", "ModelInputs", "fmt_shape", "is_float", "iter_chunks", "join_outputs", "model_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class ModelInputs(Sequence[InputSpec]):
         model batch the leading dim may be anything: batches run in chunks of the model's batch.
         """
         spec = self.by_name[name]
-        kind = np.dtype(dtype).kind
+        kind = _kind(np.dtype(dtype))
         if kind not in "biuf":
             raise DataError(f"{where}: input '{name}' got {np.dtype(dtype)} data but the model expects "
                             f"{spec.describe()}; save numbers")
@@ -157,9 +157,8 @@ class ModelInputs(Sequence[InputSpec]):
         if arr.dtype == want:
             return np.ascontiguousarray(arr)
         if spec.kind == "float":
-            if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and want.itemsize < 8:
-                with np.errstate(over="ignore"):
-                    return np.ascontiguousarray(arr.astype(want))
+            if want.name == "bfloat16" and _kind(arr.dtype) != "f":
+                arr = arr.astype(np.float32)  # ml_dtypes casts bfloat16 from floats only
             return np.ascontiguousarray(arr.astype(want))
         if spec.kind == "bool":
             if arr.dtype.kind != "b" and arr.size and not np.isin(arr, (0, 1)).all():
@@ -167,7 +166,8 @@ class ModelInputs(Sequence[InputSpec]):
                                 "other than 0/1; save the mask as bool or 0/1")
             return np.ascontiguousarray(arr.astype(bool))
         # integer input: ids, masks, positions
-        if arr.dtype.kind == "f":
+        if _kind(arr.dtype) == "f":
+            arr = arr.astype(np.float64) if arr.dtype.kind != "f" else arr
             finite = np.isfinite(arr).all()
             if not finite or (arr.size and not np.array_equal(arr, np.round(arr))):
                 bad = arr[~np.isfinite(arr)] if not finite else arr[arr != np.round(arr)]
@@ -212,6 +212,16 @@ class ModelInputs(Sequence[InputSpec]):
         """Samples in ``feeds``: the common first dim of the required inputs of rank >= 1 (None if unknown)."""
         sizes = {v.shape[0] for n, v in feeds.items() if v.ndim and not (n in self.by_name and self.by_name[n].optional)}
         return sizes.pop() if len(sizes) == 1 else None
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is a float type, ml_dtypes' bfloat16/float8 included."""
+    return _kind(np.dtype(dtype)) == "f"
+
+
+def _kind(dtype: np.dtype) -> str:
+    """numpy's dtype kind, with ml_dtypes' bfloat16/float8 (kind "V") counted as float."""
+    return "f" if dtype.kind == "V" and "float" in dtype.name else dtype.kind
 
 
 def _static_batch(required: Sequence[InputSpec]) -> int | None:

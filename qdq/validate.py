@@ -1,7 +1,8 @@
 """How far a quantized ONNX model is from its FP32 original, measured in onnxruntime.
 
 :func:`compare` runs both models on the same batches and accumulates, per model output, SQNR,
-mean per-sample cosine similarity, max |diff|, top-1 agreement (outputs shaped [N, classes])
+mean per-sample cosine similarity, max |diff|, top-1 agreement (outputs that look like class
+scores: [N, classes], not produced by a pooling or normalising op)
 and, given labels, the top-1 accuracy of both models (:mod:`qdq.metrics`). Models and data are
 taken as :func:`qdq.quantize` takes them (paths, protos, ``onnx_ir`` models; a data path, a
 DataSource or batches) and fed as the model declares its inputs (:mod:`qdq.model_inputs`):
@@ -196,6 +197,17 @@ def find_quantized_activations(model: onnx.ModelProto) -> list[QuantizedActivati
     return found
 
 
+#: Ops whose [N, D] output is a feature vector (pooled, normalised), not class scores: no top-1 for them.
+_FEATURE_OPS = frozenset({"Div", "ReduceMean", "ReduceSum", "ReduceL2", "LpNormalization", "LayerNormalization",
+                          "GlobalAveragePool", "GlobalMaxPool"})
+
+
+def _score_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs that may be class scores: not produced by a pooling or normalising op (embeddings)."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {o.name for o in model.graph.output if producers.get(o.name) not in _FEATURE_OPS}
+
+
 def _value_names(model: onnx.ModelProto) -> set[str]:
     graph = model.graph
     return {v.name for v in graph.input} | {o for n in graph.node for o in n.output}
@@ -244,8 +256,10 @@ def _check_inputs(fp: ModelInputs, q: ModelInputs, data: Any) -> None:
 class _Accumulators:
     """Every running metric of one comparison."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], probes: Sequence[QuantizedActivation]) -> None:
+    def __init__(self, pairs: Sequence[tuple[str, str]], probes: Sequence[QuantizedActivation],
+                 scores: set[str]) -> None:
         self.pairs = list(pairs)
+        self.scores = scores
         self.sqnr = {a: Sqnr() for a, _ in pairs}
         self.cosine = {a: Cosine() for a, _ in pairs}
         self.agree = {a: Counter() for a, _ in pairs}
@@ -259,6 +273,8 @@ class _Accumulators:
         for a, b in self.pairs:
             self.sqnr[a].update(ref[a], test[b])
             self.cosine[a].update(ref[a], test[b], n)
+            if a not in self.scores:
+                continue
             top_r, top_q = top1(ref[a]), top1(test[b])
             if top_r is None or top_q is None:
                 continue
@@ -332,7 +348,7 @@ def compare(
     label_arr = _labels(labels, data)
     fp_fetch = list(dict.fromkeys(fp_out + [p.reference for p in probes]))
     q_fetch = list(dict.fromkeys(q_out + [p.quantized for p in probes]))
-    acc = _Accumulators(pairs, probes)
+    acc = _Accumulators(pairs, probes, _score_outputs(fp.graph()))
 
     if isinstance(data, DataSource):
         batches: Iterable[Any] = data.batches(batch_size)

@@ -111,8 +111,27 @@ def test_output_metrics_match_numpy(npy: Path, xs: np.ndarray, tmp_path: Path) -
     assert out.fp32_accuracy == pytest.approx(np.mean(top_r == labels))
     assert out.quant_accuracy == pytest.approx(np.mean(top_q == labels))
     assert report.layers == []
+    r, t = want["y"].astype(np.float64), want["yq"].astype(np.float64)
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(t, axis=1)
+    both_zero = ~r.any(axis=1) & ~t.any(axis=1)
+    cos = np.where(both_zero, 1.0, np.sum(r * t, axis=1) / np.where(norms == 0, 1.0, norms))
+    assert out.cosine == pytest.approx(cos.mean(), abs=1e-6)
     text = report.format()
     assert "SQNR dB" in text and "FP32 acc" in text and f"{100 * out.quant_accuracy:.2f} %" in text
+    assert "cosine" in text and f"{out.cosine:.4f}" in text
+
+
+def test_compare_takes_paths_like_quantize(tmp_path: Path, npy: Path, xs: np.ndarray) -> None:
+    """qdq.compare(fp32_path, quant_path, "data.npy"): the data is opened with the FP32 model's inputs."""
+    import qdq
+
+    onnx.save(fp32_model(), tmp_path / "fp.onnx")
+    onnx.save(quant_model(), tmp_path / "q.onnx")
+    by_path = qdq.compare(tmp_path / "fp.onnx", str(tmp_path / "q.onnx"), str(npy), progress=False, num_samples=30)
+    by_batches = compare(fp32_model(), quant_model(), [{"x": xs[:30]}], progress=False)
+    assert by_path.num_samples == 30
+    assert by_path.outputs[0].sqnr_db == pytest.approx(by_batches.outputs[0].sqnr_db, abs=1e-9)
+    assert by_path.outputs[0].cosine == pytest.approx(by_batches.outputs[0].cosine, abs=1e-12)
 
 
 def test_per_layer_finds_activations_and_matches_numpy(npy: Path, xs: np.ndarray) -> None:

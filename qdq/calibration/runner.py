@@ -23,7 +23,7 @@ import onnx_ir as ir
 from qdq.calibration.base import RangeCalculatorBase
 from qdq.calibration.reductions import GraphReductions, Reduction, fetch_names
 from qdq.errors import DataError, ModelError
-from qdq.model_inputs import Chunk, ModelInputs, iter_chunks, join_outputs, model_inputs
+from qdq.model_inputs import Chunk, ModelInputs, is_float, iter_chunks, join_outputs, model_inputs
 from qdq.session import OPT_LEVELS, make_session, ort_feeds, session_options
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "OPT_LEVELS", "CalibrationRunner", "as_feeds", "make_session", "session_options"]
@@ -204,7 +204,7 @@ class CalibrationRunner:
         """Run one batch, update every calculator; returns the model outputs (if built with ``outputs``)."""
         feeds = self.inputs.feeds(batch, "calibration batch")
         for name, x in feeds.items():
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
+            if is_float(x.dtype) and not np.isfinite(x).all():
                 raise DataError(f"NaN/Inf in calibration input '{name}' (batch {self.num_batches}); clean the data")
         want = self.output_names if outputs else []
         n = self.inputs.batch_len(feeds)
