@@ -35,7 +35,7 @@ from qdq.passes.value_ranges import ValueFacts
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.spec import QScheme, QuantizationSpec
 
-__all__ = ["AnnotatePass", "annotate", "unquantized_nodes"]
+__all__ = ["annotate", "unquantized_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -290,15 +290,3 @@ def _single_consumer(value: ir.Value) -> ir.Node | None:
         return None
     users = {id(u.node): u.node for u in value.uses()}
     return next(iter(users.values())) if len(users) == 1 else None
-
-
-class AnnotatePass(ir.passes.InPlacePass):
-    """Pass form of :func:`annotate`: stores the plan in ``model.meta['qdq.plan']``; the graph is unchanged."""
-
-    def __init__(self, config: QuantizerConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        model.meta["qdq.plan"] = annotate(model, self.config)
-        return ir.passes.PassResult(model, modified=False)

@@ -25,7 +25,7 @@ from qdq.graph.opset import ensure_opset, required_opset
 from qdq.plan import QuantPlan, QuantTarget
 from qdq.qparams import QParams
 
-__all__ = ["InsertQDQPass", "insert_qdq", "scale_array", "zero_point_array"]
+__all__ = ["insert_qdq", "scale_array", "zero_point_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,16 +169,3 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, qparams: dict[str, QParams]) ->
     for target in [t for t in targets if t.uses is None] + [t for t in targets if t.uses is not None]:
         inserter.insert(target)
     return model
-
-
-class InsertQDQPass(ir.passes.InPlacePass):
-    """Pass form of :func:`insert_qdq`."""
-
-    def __init__(self, plan: QuantPlan, qparams: dict[str, QParams]) -> None:
-        super().__init__()
-        self.plan = plan
-        self.qparams = qparams
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        insert_qdq(model, self.plan, self.qparams)
-        return ir.passes.PassResult(model, modified=bool(self.plan.targets))
