@@ -54,7 +54,7 @@ def session_options(level: str = "all") -> ort.SessionOptions:
     """Quiet session options at optimization ``level`` (all / extended / basic / none)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[opt_level(level)]
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: qdq reports onnxruntime's errors itself, as one line
     return opts
 
 
@@ -117,13 +117,17 @@ def ort_feeds(feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def run(session: ort.InferenceSession, fetch: Sequence[str] | None, feeds: Mapping[str, np.ndarray], *,
-        start: int = 0) -> list[np.ndarray]:
-    """``session.run`` with onnxruntime's failures as one DataError line naming the batch and its shapes."""
+        start: int = 0, where: str = "the batch") -> list[np.ndarray]:
+    """``session.run`` with onnxruntime's failures as one DataError line naming the batch and its shapes.
+
+    Inputs were checked against the model already, so what fails here is data the graph rejects
+    (an id outside an embedding table, a shape a Reshape cannot take).
+    """
     try:
         return session.run(None if fetch is None else list(fetch), ort_feeds(feeds))
     except Exception as exc:
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in feeds.items())
-        raise DataError(f"onnxruntime failed on the batch at sample {start} ({shapes}): {first_line(exc)}; "
+        raise DataError(f"onnxruntime failed on {where} at sample {start} ({shapes}): {first_line(exc)}; "
                         "check the data matches the model inputs") from exc
 
 

@@ -280,6 +280,11 @@ class _Accumulators:
                 continue
             self.agree[a].update(top_r, top_q)
             if labels is not None and top_r.shape[0] == n:
+                classes = ref[a].shape[-1]
+                bad = labels[(labels < 0) | (labels >= classes)]
+                if bad.size:
+                    raise DataError(f"label {int(bad[0])} is out of range for output '{a}' with {classes} classes; "
+                                    f"give labels in 0..{classes - 1}, one per sample")
                 self.acc_fp[a].update(top_r, labels)
                 self.acc_q[a].update(top_q, labels)
         for p, acc in zip(self.probes, self.layers):

@@ -24,7 +24,7 @@ from qdq.calibration.base import RangeCalculatorBase
 from qdq.calibration.reductions import GraphReductions, Reduction, fetch_names
 from qdq.errors import DataError, ModelError
 from qdq.model_inputs import Chunk, ModelInputs, is_float, iter_chunks, join_outputs, model_inputs
-from qdq.session import OPT_LEVELS, make_session, ort_feeds, session_options
+from qdq.session import OPT_LEVELS, make_session, run, session_options
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "OPT_LEVELS", "CalibrationRunner", "as_feeds", "make_session", "session_options"]
 
@@ -235,7 +235,8 @@ class CalibrationRunner:
         measure = self.bytes_per_sample is None and self.static_batch is None
         fetch = list(dict.fromkeys([*want, *self._copied, *self._stat_fetch, *self._shape_fetch,
                                     *(self._measure.values() if measure else ())]))
-        outs = dict(zip(fetch, self.session.run(fetch, ort_feeds(chunk.feeds)))) if fetch else {}
+        outs = dict(zip(fetch, run(self.session, fetch, chunk.feeds, start=chunk.start,
+                                   where=f"calibration batch {self.num_batches}"))) if fetch else {}
         self.num_runs += 1
         if measure:
             size = sum(outs[n].nbytes for n in self._copied)
