@@ -165,7 +165,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     check_options(batch_size=args.batch_size, num_samples=args.num_samples, image_size=args.image_size,
                   mean=args.mean, std=args.std)
     fp32 = load_model(args.fp32_model)
-    names = [v.name or "" for v in fp32.graph.inputs]
+    from qdq.model_inputs import model_inputs
+
+    names = model_inputs(fp32)  # required inputs, dtypes and shapes: files are checked when opened
     data = open_data(args.data, names, image_size=args.image_size, mean=args.mean, std=args.std,
                      num_samples=args.num_samples, input_shapes=input_shapes(fp32), role="evaluation")
     labels: np.ndarray | None

@@ -122,9 +122,10 @@ def _input_shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...] | N
 def _batches(data: Any, quantizer: Quantizer, batch_size: int, num_samples: int | None,
              image_size: Any, mean: Any, std: Any) -> tuple[Any, int | None]:
     from qdq.data import DataSource, open_data
+    from qdq.model_inputs import model_inputs
 
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        data = open_data(data, quantizer.input_names, image_size=image_size, mean=mean, std=std,
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):  # the signature checks headers now
+        data = open_data(data, model_inputs(quantizer.float_model), image_size=image_size, mean=mean, std=std,
                          num_samples=num_samples, input_shapes=_input_shapes(quantizer.float_model))
     if isinstance(data, DataSource):
         return data.batches(batch_size), -(-len(data) // batch_size)
