@@ -25,10 +25,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import efficientnet as eff  # noqa: E402
-from qdq.backends.ort_inspect import float_compute_nodes  # noqa: E402
-from qdq.demo import ptq_rows  # noqa: E402
-from qdq.torch_export import export  # noqa: E402
+from models import efficientnet as eff
+from qdq.backends.ort_inspect import float_compute_nodes
+from qdq.demo import ptq_rows
+from qdq.torch_export import export
 
 CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-global-minmax)": "int8-global-minmax",
            "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4"}
@@ -39,7 +39,8 @@ def _cpu() -> str:
     import os
 
     try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.machine()
     return f"{name}, {os.cpu_count()} cores"
@@ -91,9 +92,10 @@ def main() -> int:
         paths = sorted(work.glob("*-*.onnx"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
         speed = speedups(fp32, paths, eval_x[:32])
         floats = [len([n for n in float_compute_nodes(p) if n[1] in ("Conv", "Gemm")]) for p in paths]
-    lines = [f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} ImageNet-sample images; "
-             f"{datetime.date.today()}, {_cpu()}, onnxruntime {ort.__version__}, "
-             "2 threads. Command: `python scripts/ptq_table.py`.", "",
+    caption = (f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} ImageNet-sample images; "
+               f"{datetime.date.today()}, {_cpu()}, onnxruntime {ort.__version__}, "
+               "2 threads. Command: `python scripts/ptq_table.py`.")
+    lines = [caption, "",
              "| config | top-1 % | agreement % | logits SQNR dB | file MB | quantize s | speed vs FP32 (b32) | float Conv/Gemm |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     r0 = rows[0]

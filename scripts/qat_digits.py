@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from models.digits import load_digits_data, trained_digits_cnn
-from qdq.session import make_session
 from qdq.config import QuantizerConfig
 from qdq.qat import QATQuantizer
 from qdq.quantizer import Quantizer, finalize_model
+from qdq.session import make_session
 from qdq.torch_export import export
 
 logger = logging.getLogger("qat_digits")

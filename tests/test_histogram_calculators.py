@@ -300,7 +300,7 @@ def test_entropy_symmetric_vs_brute_force_kl() -> None:
     calc = feed(make("entropy", num_bins=512), [x[:20_000], x[20_000:]])
     lo, hi = to_floats(calc.compute_range())
     # Brute force: every threshold on the calculator's own histogram (zero bin patched as documented).
-    counts, first = calc.hist.used()
+    counts, _ = calc.hist.used()
     h = counts.astype(np.float64)
     h[0] = h[1]
     kls = [kl_reference(h, 0, b, 128) for b in range(128, len(h) + 1)]

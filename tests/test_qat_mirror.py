@@ -14,13 +14,13 @@ from onnx import TensorProto, helper
 torch = pytest.importorskip("torch")
 
 from qdq.backends import ExportBackend
-from qdq.session import make_session
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, ModelError
 from qdq.model_io import load_model
 from qdq.qat import QATQuantizer, QATSchedule
 from qdq.qat.parity import CodeParity, code_parity, summarize, unexplained
 from qdq.quantizer import Quantizer, finalize_model
+from qdq.session import make_session
 
 DTYPES = ["int8", "uint8", "int4", "float8_e4m3fn"]
 SEED = int(os.environ.get("QDQ_TEST_SEED", "0"))  # vary it to check that no assertion rests on one draw

@@ -11,9 +11,9 @@ from onnx import helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from qdq.session import make_session
 from qdq.model_io import load_model
 from qdq.qat.onnx_module import OnnxModule
+from qdq.session import make_session
 
 RNG = np.random.default_rng(0)
 

@@ -18,10 +18,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qdq.session import make_session
 from qdq.config import QuantizerConfig
 from qdq.qat import QATQuantizer
 from qdq.quantizer import Quantizer
+from qdq.session import make_session
 
 CONFIG = {"global_config": {"op_state_spec": {"weight": {"dtype": "int4", "granularity": "per_channel"}},
                             "op_input_spec": {"*": {"dtype": "int8"}}, "op_output_spec": {"*": {"dtype": "int8"}}}}

@@ -8,4 +8,4 @@ from __future__ import annotations
 
 from qdq.backends.capabilities import CAPABILITIES, BackendCapabilities, ExportBackend, check_capabilities
 
-__all__ = ["ExportBackend", "BackendCapabilities", "CAPABILITIES", "check_capabilities"]
+__all__ = ["CAPABILITIES", "BackendCapabilities", "ExportBackend", "check_capabilities"]

@@ -20,7 +20,7 @@ from qdq import numerics
 from qdq.plan import QuantPlan
 from qdq.qparams import QParams
 
-__all__ = ["bias_correction_sites", "BiasCorrectionPass"]
+__all__ = ["BiasCorrectionPass", "bias_correction_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +28,18 @@ logger = logging.getLogger(__name__)
 def bias_correction_sites(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[str, str, int]]:
     """node name -> (weight target key, float input tensor, channel axis of the input) for correctable ops."""
     weight_keys = {t.tensor: k for k, t in plan.targets.items() if t.kind == "weight"}
-    sites = {}
+    sites: dict[str, tuple[str, str, int]] = {}
     for node in model.graph:
         if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
             continue
         x, w, b = node.inputs[0], node.inputs[1], node.inputs[2]
         if x is None or w is None or w.name not in weight_keys or b.const_value is None:
             continue
-        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or
-                                       node.attributes.get_float("alpha", 1.0) != 1.0 or
+        trans_a: int = node.attributes.get_int("transA", 0)
+        if node.op_type == "Gemm" and (trans_a or node.attributes.get_float("alpha", 1.0) != 1.0 or
                                        node.attributes.get_float("beta", 1.0) != 1.0):
             continue
-        sites[node.name] = (weight_keys[w.name], x.name or "", 1)
+        sites[node.name or ""] = (weight_keys[w.name], x.name or "", 1)
     return sites
 
 

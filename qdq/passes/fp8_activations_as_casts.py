@@ -29,9 +29,10 @@ class Fp8ActivationsAsCastsPass(ir.passes.InPlacePass):
             x, scale, zp = q.inputs[0], q.inputs[1], q.inputs[2]
             if x is None or x.const_value is not None or zp is None or zp.dtype not in _FP8:
                 continue
-            if q.attributes.get_int("axis", 1) != 1 or q.attributes.get_int("block_size", 0):
-                if scale is not None and scale.shape is not None and len(scale.shape) > 0:
-                    continue  # per-channel activations: leave as QDQ
+            block: int = q.attributes.get_int("block_size", 0)
+            per_channel = scale is not None and scale.shape is not None and len(scale.shape) > 0
+            if (q.attributes.get_int("axis", 1) != 1 or block) and per_channel:
+                continue  # per-channel activations: leave as QDQ
             dqs = [u.node for u in q.outputs[0].uses()]
             if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or q.outputs[0].is_graph_output():
                 continue
@@ -47,7 +48,7 @@ class Fp8ActivationsAsCastsPass(ir.passes.InPlacePass):
                 out = dq.outputs[0]
                 name = out.name
                 new = mul.outputs[0]
-                new.dtype, new.shape = out.dtype, out.shape
+                new.dtype, new.shape = out.dtype or ir.DataType.FLOAT, out.shape
                 out.replace_all_uses_with(new, replace_graph_outputs=True)
                 out.name = f"{name}_removed"
                 mul.outputs[0].name = name

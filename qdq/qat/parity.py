@@ -72,9 +72,10 @@ _FUNCTION_ULPS = 4
 
 
 def _numel(value: ir.Value | None) -> int | None:
-    if value is None or value.shape is None or not all(isinstance(d, int) for d in value.shape):
+    if value is None or value.shape is None:
         return None
-    return math.prod(value.shape)  # type: ignore[arg-type]
+    dims = [d for d in value.shape if isinstance(d, int)]
+    return math.prod(dims, start=1) if len(dims) == len(value.shape) else None
 
 
 def _dim(value: ir.Value | None, axis: int) -> int | None:
@@ -95,8 +96,8 @@ def accumulation_length(node: ir.Node | None) -> int:
     op, ins = node.op_type, node.inputs
     k: int | None = None
     if op in ("Conv", "ConvInteger") and len(ins) > 1:
-        n = _numel(ins[1])
-        k = n // _dim(ins[1], 0) if n and _dim(ins[1], 0) else None
+        n, cout = _numel(ins[1]), _dim(ins[1], 0)
+        k = n // cout if n and cout else None
     elif op == "ConvTranspose" and len(ins) > 1:
         n, cout = _numel(ins[1]), _dim(ins[1], 1)
         group = node.attributes.get_int("group", 1)
