@@ -14,7 +14,7 @@ import numpy as np
 from qdq.errors import ConfigError
 from qdq.spec import Granularity, PerBlockGranularity, PerChannelGranularity
 
-__all__ = ["QLayout", "resolve_layout", "reduce_minmax"]
+__all__ = ["QLayout", "reduce_minmax", "resolve_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
