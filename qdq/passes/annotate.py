@@ -10,6 +10,8 @@ Rules, in one place:
   Softplus / Softmax, and through pooling, means, shape ops, Concat, Add and Mul of such tensors)
   or bounded below only (after HardSwish, Gelu, Elu, ...) is asymmetric: no codes are wasted on
   values that cannot occur.
+- The output of an element-wise Add/Sub/Mul that only float ops read (a residual Add feeding
+  LayerNorm) stays float: a pair there only adds error (MiniLM: cosine 0.84 -> 0.93).
 - Mask arithmetic (float math on integer inputs and small constants, e.g. ``(1 - mask) * finfo.min``)
   stays float, and so does the output of an Add that applies such a mask (its range is the mask's).
 - One pair per tensor and spec. When a producer quantizes its output, every consumer reads that
@@ -280,9 +282,27 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
                 builder.input(node, i, value, spec)
         out = fused_out.get(id(node), node.outputs[0])
         spec = cfg.spec_for("output", port_name(node, 0, output=True), 0)
+        if node.op_type in _ELEMENTWISE and _only_float_consumers(out, configs):
+            continue  # e.g. a residual Add feeding LayerNorm: a pair there only adds error
         if spec is not None and _is_float(out):
             builder.output(node, out, spec)
     return builder.plan
+
+
+#: Element-wise compute ops: integer kernels gain little, so their output is quantized only for a quantized reader.
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul"})
+
+
+def _only_float_consumers(value: ir.Value, configs: dict[int, ModuleQuantizerConfig | None]) -> bool:
+    """True when no consumer of ``value`` reads it quantized (all are float ops such as LayerNormalization)."""
+    if value.is_graph_output() or not value.uses():
+        return False
+    for use in value.uses():
+        op = use.node.op_type
+        quantizing = op in OP_TABLE or op in PASSTHROUGH_OPS or op in ACTIVATION_OPS
+        if quantizing and configs.get(id(use.node)) is not None:
+            return False
+    return True
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:
