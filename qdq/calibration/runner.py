@@ -96,6 +96,18 @@ def _infer_types(model: ir.Model) -> ir.Model:
         return model
 
 
+def _bytes_per_sample(value: ir.Value) -> float | None:
+    """Bytes per sample of a tensor whose shape has at most one dynamic dim (the one that scales with the
+    batch, wherever it is), None when that is not known statically."""
+    if value.shape is None or value.dtype is None:
+        return None
+    dims = list(value.shape)
+    static = [d for d in dims if isinstance(d, int)]
+    if len(dims) - len(static) > 1:
+        return None
+    return float(np.prod(static, dtype=np.float64)) * value.dtype.itemsize
+
+
 def _count_sensitive(calc: Any) -> bool:
     """Whether duplicated samples would change ``calc`` (sums, histograms); min/max ranges are immune."""
     return not isinstance(calc, RangeCalculatorBase)
@@ -174,10 +186,19 @@ class CalibrationRunner:
         for name in copied:
             if name not in present:
                 graph.outputs.append(values[name])
-        # Shapes of the reduced tensors, fetched on the first run only: the bytes a sample produces.
+        # Bytes a sample produces in the reduced tensors: from the static shape when only one dim is dynamic
+        # (it scales with the samples), else from the tensor's Shape, fetched on the first run only.
         reduced = [r.tensor for r in self.reductions if r.tensor not in self.tensor_calculators]
-        self._measure = {n: builder.shape_output(values[n]) for n in dict.fromkeys(reduced)
-                         if self.static_batch is None and values[n].producer() is not None}
+        self._static_bytes = 0.0
+        self._measure: dict[str, str] = {}
+        for n in dict.fromkeys(reduced):
+            if self.static_batch is not None or values[n].producer() is None:
+                continue
+            size = _bytes_per_sample(values[n])
+            if size is None:
+                self._measure[n] = builder.shape_output(values[n])
+            else:
+                self._static_bytes += size
         self._itemsize = {n: (values[n].dtype.itemsize if values[n].dtype is not None else 4) for n in self._measure}
         self._copied = copied
         self._stat_fetch = fetch_names(builder)
@@ -241,7 +262,7 @@ class CalibrationRunner:
         if measure:
             size = sum(outs[n].nbytes for n in self._copied)
             size += sum(int(np.prod(outs[s])) * self._itemsize[n] for n, s in self._measure.items())
-            self.bytes_per_sample = size / max(chunk.padded, 1)
+            self.bytes_per_sample = size / max(chunk.padded, 1) + self._static_bytes
         drop = (chunk.padded, chunk.real) if chunk.padded != chunk.real else None
         uncut = self._builder.finish(outs, self._packed, drop=drop)
         for i, red in enumerate(self.reductions):
