@@ -336,7 +336,7 @@ def compare(
     fp, q = _as_model(fp32_model, "FP32"), _as_model(quant_model, "quantized")
     fp_in, q_in = fp.inputs(), q.inputs()
     if isinstance(data, (str, os.PathLike)):
-        data = open_data(data, fp_in, num_samples=num_samples, role="evaluation")
+        data = open_data(Path(data), fp_in, num_samples=num_samples, role="evaluation")
     _check_inputs(fp_in, q_in, data)
     probes: list[QuantizedActivation] = []
     skipped: list[QuantizedActivation] = []

@@ -177,10 +177,11 @@ class CalibrationRunner:
                 by_key[key].calculators.append(calc)
         self._builder = builder
         # Tensors copied out: extra graph outputs (graph inputs and initializers are read on the host).
-        self._host: dict[str, np.ndarray] = {n: np.asarray(graph.initializers[n].const_value.numpy())
-                                             for n in self.tensor_calculators if n in graph.initializers
-                                             and graph.initializers[n].const_value is not None
-                                             and n not in self.input_names}
+        self._host: dict[str, np.ndarray] = {}
+        for n in self.tensor_calculators:
+            tensor = graph.initializers[n].const_value if n in graph.initializers else None
+            if tensor is not None and n not in self.input_names:
+                self._host[n] = np.asarray(tensor.numpy())
         present = {v.name for v in graph.outputs}
         copied = [n for n in self.tensor_calculators if n not in self.input_names and n not in self._host]
         for name in copied:
@@ -199,7 +200,7 @@ class CalibrationRunner:
                 self._measure[n] = builder.shape_output(values[n])
             else:
                 self._static_bytes += size
-        self._itemsize = {n: (values[n].dtype.itemsize if values[n].dtype is not None else 4) for n in self._measure}
+        self._itemsize = {n: (dt.itemsize if (dt := values[n].dtype) is not None else 4) for n in self._measure}
         self._copied = copied
         self._stat_fetch = fetch_names(builder)
         self._shape_fetch = [r.shape_output for r in self.reductions if r.shape_output is not None]

@@ -134,7 +134,7 @@ def _read_npy_header(f: IO[bytes], label: str) -> tuple[tuple[int, ...], bool, n
         elif version == (2, 0):
             shape, fortran, dtype = fmt.read_array_header_2_0(f)
         else:
-            shape, fortran, dtype = fmt._read_array_header(f, version)  # v3 (utf-8 names) has no public reader
+            shape, fortran, dtype = fmt._read_array_header(f, version)  # type: ignore[attr-defined]  # v3 (utf-8 names) has no public reader
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{label} is not a valid .npy array ({exc}); re-save it with numpy.save/savez") from exc
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)

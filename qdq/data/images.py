@@ -55,8 +55,8 @@ class ImageArray:
 
     def __init__(self, path: Path, size: tuple[int, int], mean: np.ndarray, std: np.ndarray) -> None:
         self.path, self.size, self.mean, self.std = path, size, mean, std
-        self.shape = (1, mean.shape[0], *size)
-        self.dtype = np.dtype(np.float32)
+        self.shape: tuple[int, ...] = (1, mean.shape[0], *size)
+        self.dtype: np.dtype = np.dtype(np.float32)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if stop <= start:
@@ -75,16 +75,16 @@ def load_image(path: Path, size: tuple[int, int], mean: np.ndarray, std: np.ndar
 
     th, tw = size
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if mean.shape[0] == 1 else "RGB")
-            w, h = img.size
-            if (w, h) != (tw, th):
-                scale = max(tw / w, th / h)
-                nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-                img = img.resize((nw, nh), Image.BICUBIC)
-                left, top = (nw - tw) // 2, (nh - th) // 2
-                img = img.crop((left, top, left + tw, top + th))
-            x = np.asarray(img, dtype=np.float32) / 255.0
+        with Image.open(path) as src:
+            img: Image.Image = src.convert("L" if mean.shape[0] == 1 else "RGB")
+        w, h = img.size
+        if (w, h) != (tw, th):
+            scale = max(tw / w, th / h)
+            nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - tw) // 2, (nh - th) // 2
+            img = img.crop((left, top, left + tw, top + th))
+        x = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"cannot read image {path} ({exc}); remove or replace the file") from exc
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)

@@ -244,7 +244,7 @@ def open_data(
     samples. ``role`` ("calibration"/"evaluation") only words error messages.
     """
     signature = input_names if isinstance(input_names, ModelInputs) else None
-    names = signature.required_names if signature is not None else list(input_names)
+    names: list[str] = signature.required_names if signature is not None else [str(n) for n in input_names]
     if not names:
         raise DataError("the model has no inputs to feed; check the model")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
