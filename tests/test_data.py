@@ -265,3 +265,37 @@ def test_bad_arguments(tmp_path: Path) -> None:
         open_data(tmp_path / "x.npy", ["x"], num_samples=0)
     with pytest.raises(ConfigError, match="batch_size must be a positive int"):
         next(open_data(tmp_path / "x.npy", ["x"]).batches(0))
+
+
+# ----------------------------------------------------------------------------- the model's signature
+
+
+def _signature(**inputs: tuple[int, tuple]):
+    from onnx import helper
+
+    from qdq.model_inputs import model_inputs
+
+    vis = [helper.make_tensor_value_info(n, elem, list(shape)) for n, (elem, shape) in inputs.items()]
+    graph = helper.make_graph([], "g", vis, vis[:1])
+    return model_inputs(helper.make_model(graph))
+
+
+def test_signature_serves_the_model_dtypes(tmp_path: Path) -> None:
+    from onnx import TensorProto
+
+    sig = _signature(img=(TensorProto.FLOAT16, ("N", 3, 8, 8)))
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        _png(tmp_path / "images" / f"{i}.png", 10, 12, seed=i)
+    (batch,) = list(open_data(tmp_path / "images", sig).batches(4))  # the image size comes from the model's static H, W
+    assert batch["img"].dtype == np.float16 and batch["img"].shape == (3, 3, 8, 8)
+    ids = _signature(ids=(TensorProto.INT64, ("N", "S")))
+    np.save(tmp_path / "ids.npy", np.arange(12, dtype=np.int16).reshape(3, 4))
+    (b,) = list(open_data(tmp_path / "ids.npy", ids).batches(8))
+    assert b["ids"].dtype == np.int64 and b["ids"].tolist() == np.arange(12).reshape(3, 4).tolist()
+    np.save(tmp_path / "frac.npy", np.full((2, 4), 0.5, np.float32))
+    src = open_data(tmp_path / "frac.npy", ids)  # headers are fine; the values are not
+    with pytest.raises(DataError, match=r"frac.npy: input 'ids' expects integers \(int64 \(N, S\)\)"):
+        list(src.batches(2))
+    with pytest.raises(DataError, match=r"holds images but model input 'ids' is int64"):
+        open_data(tmp_path / "images", _signature(ids=(TensorProto.INT64, ("N", 3, 8, 8))))
