@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from qdq.errors import ConfigError, DataError
 from qdq.layout import QLayout
 from qdq.qparams import compute_qparams
 from qdq.spec import QuantizationSpec
+
+SEED = 1000 * int(os.environ.get("QDQ_TEST_SEED", "0"))  # vary the drawn data: QDQ_TEST_SEED=1, 2, ...
 
 NAMES = ("percentile", "entropy", "mse")
 
@@ -59,7 +62,7 @@ def test_spec_kwargs_and_qparams_shape(name: str) -> None:
     assert type(calc).registered_name == name
     with pytest.raises(DataError):
         calc.qparams()
-    calc.observe(np.random.default_rng(0).standard_normal((2, 3, 50)).astype(np.float32))
+    calc.observe(np.random.default_rng(0 + SEED).standard_normal((2, 3, 50)).astype(np.float32))
     lo, hi = calc.compute_range()
     assert lo.shape == hi.shape == () and lo.dtype == hi.dtype == np.float32 and lo <= 0 < hi
     qp = calc.qparams()
@@ -128,7 +131,7 @@ def test_non_finite_rejected(name: str, bad: float) -> None:
 
 @pytest.mark.parametrize("qscheme", ["symmetric", "asymmetric"])
 def test_rebinning_is_exact_and_bounded(qscheme: str) -> None:
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1 + SEED)
     batches = growing_batches(rng, n=12, size=8_000, shift=0.5)
     calc = make("percentile", qscheme, num_bins=256)
     for b in batches:
@@ -150,7 +153,7 @@ def test_rebinning_is_exact_and_bounded(qscheme: str) -> None:
 
 def test_degenerate_batches() -> None:
     """All-zero and constant first batches, then real data: the grid grows from a tiny width."""
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(2 + SEED)
     for name in NAMES:
         calc = make(name, "asymmetric", dtype="uint8")
         calc.observe(np.zeros(1000, np.float32))
@@ -169,7 +172,7 @@ def test_degenerate_batches() -> None:
 def test_streaming_matches_one_batch(name: str, qscheme: str) -> None:
     """Several batches of growing range vs one batch of everything: only the bin width differs
     (the streamed histogram is exact on its grid, see test_rebinning_is_exact_and_bounded)."""
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(3 + SEED)
     batches = growing_batches(rng, n=5, size=40_000, shift=1.0)
     data = np.concatenate([b.ravel() for b in batches])
     streamed_calc = feed(make(name, qscheme), batches)
@@ -190,13 +193,14 @@ def test_streaming_matches_one_batch(name: str, qscheme: str) -> None:
 
 @pytest.mark.parametrize("p", [99.0, 99.9, 100.0])
 def test_percentile_symmetric_vs_numpy(p: float) -> None:
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(4 + SEED)
     batches = growing_batches(rng)
     calc = feed(make("percentile", percentile=p), batches)
     data = np.concatenate([b.ravel() for b in batches])
-    ref = np.percentile(np.abs(data), p)
     lo, hi = to_floats(calc.compute_range())
-    assert abs(max(-lo, hi) - ref) <= calc.hist.width
+    # within one bin of the order statistics around the percentile (in a sparse tail numpy interpolates
+    # between two samples further apart than a bin; any value between them has the same empirical CDF)
+    assert _between_order_stats(max(-lo, hi), np.abs(data), p, calc.hist.width)
     assert data.min() <= lo and hi <= data.max()
     if p == 100.0:
         assert max(-lo, hi) == np.abs(data).max()
@@ -204,13 +208,22 @@ def test_percentile_symmetric_vs_numpy(p: float) -> None:
 
 @pytest.mark.parametrize("p", [99.0, 99.99, 100.0])
 def test_percentile_asymmetric_vs_numpy(p: float) -> None:
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(5 + SEED)
     batches = [np.maximum(b, -0.3) for b in growing_batches(rng, shift=0.2)]  # skewed, like a swish output
     calc = feed(make("percentile", "asymmetric", dtype="uint8", percentile=p), batches)
     data = np.concatenate([b.ravel() for b in batches])
     ref_lo, ref_hi = np.percentile(data, [100 - p, p])
     lo, hi = to_floats(calc.compute_range())
-    assert abs(lo - ref_lo) <= calc.hist.width and abs(hi - ref_hi) <= calc.hist.width
+    assert ref_lo <= ref_hi
+    assert _between_order_stats(lo, data, 100 - p, calc.hist.width)
+    assert _between_order_stats(hi, data, p, calc.hist.width)
+
+
+def _between_order_stats(value: float, data: np.ndarray, p: float, width: float) -> bool:
+    """``value`` lies within ``width`` of [the sample just below the p-th percentile, the one just above]."""
+    below = float(np.percentile(data, p, method="lower"))
+    above = float(np.percentile(data, p, method="higher"))
+    return below - width <= value <= above + width
 
 
 # --------------------------------------------------------------------------- mse
@@ -224,7 +237,7 @@ def brute_force_symmetric(spec: QuantizationSpec, x: np.ndarray, n: int = 400) -
 
 @pytest.mark.parametrize("dtype", ["int8", "int4", "float8_e4m3fn", "float8_e5m2"])
 def test_mse_symmetric_vs_brute_force(dtype: str) -> None:
-    rng = np.random.default_rng(6)
+    rng = np.random.default_rng(6 + SEED)
     x = rng.laplace(size=30_000).astype(np.float32)
     x[:20] *= 30  # outliers
     calc = feed(make("mse", dtype=dtype), [x[:10_000], x[10_000:]])
@@ -232,13 +245,15 @@ def test_mse_symmetric_vs_brute_force(dtype: str) -> None:
     ref_err, ref_t = brute_force_symmetric(calc.spec, x)
     err = quant_mse(calc.spec, x, lo, hi)
     assert err <= 1.03 * ref_err, (dtype, hi, ref_t, err, ref_err)
-    if dtype in ("int8", "int4"):  # integer grids: a well-defined optimum, well inside [0, max]
-        assert abs(hi - ref_t) <= 0.1 * ref_t
+    if dtype in ("int8", "int4"):  # integer grids: clipping the outliers beats min-max
+        # (not "hi within 10 % of the brute-force argmin": the MSE curve is flat near its minimum, so
+        # where exactly the argmin falls depends on the draw; its error is what is pinned, above)
+        assert 0 < hi <= float(np.abs(x).max()), (hi, ref_t)
         assert err < quant_mse(calc.spec, x, float(x.min()), float(x.max()))
 
 
 def test_mse_asymmetric_vs_brute_force() -> None:
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(7 + SEED)
     x = np.maximum(rng.laplace(loc=1.0, size=30_000), -0.5).astype(np.float32)
     x[:10] = 25.0
     spec = QuantizationSpec(dtype="uint8", qscheme="asymmetric")
@@ -279,7 +294,7 @@ def kl_reference(h: np.ndarray, a: int, b: int, nq: int) -> float:
 
 
 def test_kl_divergence_vs_reference() -> None:
-    rng = np.random.default_rng(8)
+    rng = np.random.default_rng(8 + SEED)
     h = rng.poisson(rng.exponential(20, size=300)).astype(np.int64)
     h[[5, 150, 151, 299]] = 0  # empty bins, incl. edge bins with outliers beyond them
     nq = 16
@@ -294,7 +309,7 @@ def test_kl_divergence_vs_reference() -> None:
 
 
 def test_entropy_symmetric_vs_brute_force_kl() -> None:
-    rng = np.random.default_rng(9)
+    rng = np.random.default_rng(9 + SEED)
     x = rng.laplace(size=40_000).astype(np.float32)
     x[:30] = rng.uniform(-60, 60, 30)  # outliers
     calc = feed(make("entropy", num_bins=512), [x[:20_000], x[20_000:]])
@@ -310,14 +325,15 @@ def test_entropy_symmetric_vs_brute_force_kl() -> None:
     # (int8 MSE on all data still favours min-max: each clipped outlier costs ~(60 - t)**2).
     assert hi < 0.5 * float(np.abs(x).max()) and lo == -hi
     spec, bulk, mn, mx = calc.spec, x[30:], float(x.min()), float(x.max())
-    assert quant_mse(spec, bulk, lo, hi) < 0.1 * quant_mse(spec, bulk, mn, mx)
+    # rounding error scales with the step squared: a range under half of min-max's quarters it at least
+    assert quant_mse(spec, bulk, lo, hi) < 0.25 * quant_mse(spec, bulk, mn, mx)
     int4 = feed(make("entropy", dtype="int4"), [x])
     lo4, hi4 = to_floats(int4.compute_range())
-    assert quant_mse(int4.spec, x, lo4, hi4) < 0.5 * quant_mse(int4.spec, x, mn, mx)  # with 16 levels: all data
+    assert quant_mse(int4.spec, x, lo4, hi4) < quant_mse(int4.spec, x, mn, mx)  # with 16 levels: even on all data
 
 
 def test_entropy_asymmetric() -> None:
-    rng = np.random.default_rng(10)
+    rng = np.random.default_rng(10 + SEED)
     x = np.maximum(rng.laplace(loc=0.5, size=40_000), -0.4).astype(np.float32)
     x[:20] = 300.0  # outliers that make the min-max step (300 / 255) coarse for the bulk
     calc = feed(make("entropy", "asymmetric", dtype="uint8"), [x[:25_000], x[25_000:]])
@@ -333,14 +349,14 @@ def test_entropy_asymmetric() -> None:
 
 def test_entropy_relu_zero_spike() -> None:
     """Half exact zeros (ReLU): the zero-bin patch keeps the threshold near the unclipped optimum."""
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(11 + SEED)
     x = np.maximum(rng.standard_normal(40_000), 0).astype(np.float32)
     lo, hi = to_floats(feed(make("entropy"), [x]).compute_range())
     assert lo == 0.0 and 2.0 < hi <= x.max()
 
 
 def test_int_and_float_inputs() -> None:
-    x64 = np.random.default_rng(12).standard_normal(5_000)
+    x64 = np.random.default_rng(12 + SEED).standard_normal(5_000)
     ref = to_floats(feed(make("percentile"), [x64.astype(np.float32)]).compute_range())
     assert np.allclose(to_floats(feed(make("percentile"), [x64]).compute_range()), ref, rtol=1e-3)
     ints = np.arange(-50, 51, dtype=np.int64)
