@@ -34,7 +34,7 @@ from qdq.errors import ConfigError
 from qdq.layout import QLayout, resolve_layout
 from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type, port_name
 from qdq.passes.value_ranges import ValueFacts
-from qdq.plan import QuantPlan, QuantTarget
+from qdq.plan import QuantPlan, QuantTarget, TargetKind
 from qdq.spec import QScheme, QuantizationSpec
 
 __all__ = ["annotate", "unquantized_nodes"]
@@ -153,7 +153,8 @@ class _PlanBuilder:
             return QLayout()
         return resolve_layout(spec.granularity, rank, what=f"activation '{value.name}'")
 
-    def state(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec, kind: str, port: str | None = None) -> None:
+    def state(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec, kind: TargetKind,
+              port: str | None = None) -> None:
         info = OP_TABLE[node.op_type]
         ch, bl = info.weight_axes(node) if kind == "weight" else ((0, 0) if port == "bias" else (None, None))
         rank = len(value.const_value.shape)  # type: ignore[union-attr]
@@ -161,10 +162,10 @@ class _PlanBuilder:
                                 what=f"{kind} '{value.name}' of node '{node.name}'")
         for t in self.by_tensor.get(value.name or "", []):
             if t.spec == spec and t.layout == layout:
-                t.ops.append(node.name)
+                t.ops.append(node.name or "")
                 return
-        self._add(QuantTarget(self._new_key(value.name or node.name), value.name or "", spec, layout,
-                              kind, uses=None, ops=[node.name]))  # type: ignore[arg-type]
+        self._add(QuantTarget(self._new_key(value.name or node.name or ""), value.name or "", spec, layout,
+                              kind, uses=None, ops=[node.name or ""]))
 
     def output(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec) -> None:
         if any(t.uses is None for t in self.by_tensor.get(value.name or "", [])):
@@ -174,7 +175,7 @@ class _PlanBuilder:
         spec = _range_scheme(spec, value, self.facts)
         layout = self._activation_layout(spec, value)
         self._add(QuantTarget(self._new_key(value.name or ""), value.name or "", spec, layout, "activation",
-                              uses=None, ops=[node.name]))
+                              uses=None, ops=[node.name or ""]))
 
     def input(self, node: ir.Node, index: int, value: ir.Value, spec: QuantizationSpec) -> None:
         if self.facts.is_mask(value):
@@ -183,16 +184,16 @@ class _PlanBuilder:
         existing = self.by_tensor.get(value.name or "", [])
         for t in existing:
             if t.uses is None and t.kind == "activation" and t.spec.dtype == spec.dtype:
-                t.ops.append(node.name)
+                t.ops.append(node.name or "")
                 return
         layout = self._activation_layout(spec, value)
         for t in existing:
             if t.uses is not None and t.spec == spec and t.layout == layout:
-                t.uses.append((node.name, index))
-                t.ops.append(node.name)
+                t.uses.append((node.name or "", index))
+                t.ops.append(node.name or "")
                 return
         self._add(QuantTarget(self._new_key(value.name or ""), value.name or "", spec, layout, "activation",
-                              uses=[(node.name, index)], ops=[node.name]))
+                              uses=[(node.name or "", index)], ops=[node.name or ""]))
 
     def passthrough(self, node: ir.Node) -> None:
         data = node.inputs[0] if node.inputs else None
@@ -207,7 +208,7 @@ class _PlanBuilder:
             if any(t.uses is None for t in self.by_tensor.get(out.name or "", [])):
                 continue
             self._add(QuantTarget(self._new_key(out.name or ""), out.name or "", src.spec, src.layout, "activation",
-                                  uses=None, shared_with=src.key, ops=[node.name]))
+                                  uses=None, shared_with=src.key, ops=[node.name or ""]))
 
 
 def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:

@@ -57,7 +57,7 @@ def scale_array(qp: QParams, dtype: ir.DataType | None) -> np.ndarray:
 def _initializer(name: str, array: np.ndarray) -> ir.Value:
     """A constant Value with its type and shape set (onnx_ir does not infer them from const_value)."""
     tensor = ir.tensor(array, name=name)
-    return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+    return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
 
 
 def _qdq_attributes(target: QuantTarget) -> list[ir.Attr]:
