@@ -213,6 +213,8 @@ class CalibrationRunner:
         #: bytes one sample produces in the observed tensors (measured on the first run of a dynamic model)
         self.bytes_per_sample: float | None = None
         self._warned: set[str] = set()
+        self._fetch: dict[tuple[tuple[str, ...], bool], list[str]] = {}
+        self._sums = [(i, r) for i, r in enumerate(self.reductions) if r.kind == "sum"]
         self._reset_batch()
         logger.debug("calibration runner: %d in-graph reductions, %d tensors copied out, static batch %s",
                      len(self.reductions), len(copied), self.static_batch)
@@ -255,8 +257,12 @@ class CalibrationRunner:
 
     def _run(self, chunk: Chunk, want: Sequence[str]) -> list[np.ndarray]:
         measure = self.bytes_per_sample is None and self.static_batch is None
-        fetch = list(dict.fromkeys([*want, *self._copied, *self._stat_fetch, *self._shape_fetch,
-                                    *(self._measure.values() if measure else ())]))
+        key = (tuple(want), measure)
+        fetch = self._fetch.get(key)
+        if fetch is None:
+            fetch = self._fetch[key] = list(dict.fromkeys([*want, *self._copied, *self._stat_fetch,
+                                                           *self._shape_fetch, *(self._measure.values() if measure
+                                                                                 else ())]))
         outs = dict(zip(fetch, run(self.session, fetch, chunk.feeds, start=chunk.start,
                                    where=f"calibration batch {self.num_batches}"))) if fetch else {}
         self.num_runs += 1
@@ -266,10 +272,9 @@ class CalibrationRunner:
             self.bytes_per_sample = size / max(chunk.padded, 1) + self._static_bytes
         drop = (chunk.padded, chunk.real) if chunk.padded != chunk.real else None
         uncut = self._builder.finish(outs, self._packed, drop=drop)
-        for i, red in enumerate(self.reductions):
-            if red.kind == "sum":
-                shape = outs[red.shape_output] if red.shape_output is not None else None
-                self._counts[i] += red.count(self._builder.rows_counted(red, outs, drop), shape)
+        for i, red in self._sums:
+            shape = outs[red.shape_output] if red.shape_output is not None else None
+            self._counts[i] += red.count(self._builder.rows_counted(red, outs, drop), shape)
         for name in uncut:
             self._warn_uncut(name, chunk)
         for name, calcs in self.tensor_calculators.items():
