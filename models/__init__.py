@@ -4,4 +4,4 @@ Each module exposes a ``factory()`` returning ``(model, (example_input,))`` for 
 Submodules import torch lazily enough that ``import models`` itself stays cheap.
 """
 
-__all__ = ["digits", "tiny", "efficientnet"]
+__all__ = ["digits", "efficientnet", "tiny"]

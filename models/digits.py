@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,11 @@ from torch import nn
 
 __all__ = [
     "DigitsCNN",
-    "load_digits_data",
     "build_digits_cnn",
+    "factory",
+    "load_digits_data",
     "train_digits_cnn",
     "trained_digits_cnn",
-    "factory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,9 +128,9 @@ def trained_digits_cnn(cache_dir: str | os.PathLike | None = None, seed: int = 0
             model = build_digits_cnn(seed)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             model.eval()
-            x_tr, y_tr, x_te, y_te = load_digits_data()
+            _, _, x_te, y_te = load_digits_data()
             return model, _accuracy(model, x_te, y_te)
-        except Exception as exc:  # stale/corrupt cache: retrain
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # stale/corrupt cache
             logger.warning("ignoring digits cache %s: %s", path, exc)
     model, acc = train_digits_cnn(seed=seed)
     try:

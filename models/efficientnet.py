@@ -16,16 +16,16 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "MEAN",
-    "STD",
     "IMAGE_SIZE",
+    "MEAN",
     "NUM_CALIB",
-    "load_efficientnet_lite0",
-    "preprocess",
+    "STD",
     "factory",
     "imagenet_sample_dir",
     "list_imagenet_sample",
+    "load_efficientnet_lite0",
     "load_imagenet_sample",
+    "preprocess",
 ]
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["TinyMLP", "TinySelfAttention", "factory_mlp", "factory_attention"]
+__all__ = ["TinyMLP", "TinySelfAttention", "factory_attention", "factory_mlp"]
 
 logger = logging.getLogger(__name__)
 

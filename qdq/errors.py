@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["QdqError", "ConfigError", "ModelError", "DataError", "BackendError", "first_line"]
+__all__ = ["BackendError", "ConfigError", "DataError", "ModelError", "QdqError", "first_line"]
 
 
 class QdqError(Exception):

@@ -28,7 +28,9 @@ import numpy as np
 from qdq.dtypes import QDType
 from qdq.layout import QLayout
 
-__all__ = ["quantize", "dequantize", "fake_quantize", "storage_dtype"]
+__all__ = ["dequantize", "fake_quantize", "quantize", "storage_dtype"]
+
+_PER_TENSOR = QLayout()  # the default layout (QLayout is frozen, so one shared instance is safe)
 
 _FLOAT8 = frozenset(
     np.dtype(t)
@@ -91,7 +93,7 @@ def quantize(
     scale: np.ndarray,
     zero_point: np.ndarray | None = None,
     dtype: QDType | Any = QDType.UINT8,
-    layout: QLayout = QLayout(),
+    layout: QLayout = _PER_TENSOR,
     saturate: bool = True,
 ) -> np.ndarray:
     """ONNX QuantizeLinear: quantize float ``x`` to ``dtype`` (returns an array of ``storage_dtype(dtype)``).
@@ -129,7 +131,7 @@ def dequantize(
     q: np.ndarray,
     scale: np.ndarray,
     zero_point: np.ndarray | None = None,
-    layout: QLayout = QLayout(),
+    layout: QLayout = _PER_TENSOR,
 ) -> np.ndarray:
     """ONNX DequantizeLinear: ``(float32(q) - zero_point) * scale`` as float32."""
     q = np.asarray(q)
@@ -149,7 +151,7 @@ def fake_quantize(
     scale: np.ndarray,
     zero_point: np.ndarray | None = None,
     dtype: QDType | Any = QDType.INT8,
-    layout: QLayout = QLayout(),
+    layout: QLayout = _PER_TENSOR,
     saturate: bool = True,
 ) -> np.ndarray:
     """``dequantize(quantize(x))``: the float32 values a QDQ pair produces."""

@@ -28,14 +28,14 @@ import onnx
 import onnx_ir as ir
 
 __all__ = [
-    "OpInfo",
-    "OP_TABLE",
     "ACTIVATION_OPS",
+    "OP_TABLE",
     "PASSTHROUGH_OPS",
     "TYPE_ALIASES",
+    "OpInfo",
+    "canonical_op_type",
     "op_info",
     "port_name",
-    "canonical_op_type",
 ]
 
 

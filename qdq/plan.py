@@ -11,7 +11,7 @@ from typing import Literal
 from qdq.layout import QLayout
 from qdq.spec import QuantizationSpec
 
-__all__ = ["QuantTarget", "QuantPlan", "TargetKind", "ALL_USES"]
+__all__ = ["ALL_USES", "QuantPlan", "QuantTarget", "TargetKind"]
 
 TargetKind = Literal["weight", "activation", "constant"]
 

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from qdq.errors import ModelError, first_line
 from qdq.model_io import EXTERNAL_DATA_THRESHOLD, save
 
-__all__ = ["export", "fold_batchnorm_into_conv", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "export", "fold_batchnorm_into_conv"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def fold_batchnorm_into_conv(model: ir.Model) -> int:
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.outputs) != 1:
             continue
         conv_out = bn.inputs[0]
-        conv = conv_out.producer() if conv_out is not None else None
+        if conv_out is None:
+            continue
+        conv = conv_out.producer()
         if conv is None or conv.op_type != "Conv" or len(conv_out.uses()) != 1 or conv_out.is_graph_output():
             continue
         consts = [v.const_value if v is not None else None for v in bn.inputs[1:5]]
@@ -70,9 +72,10 @@ def fold_batchnorm_into_conv(model: ir.Model) -> int:
             continue
         eps_attr = bn.attributes.get("epsilon")
         eps = eps_attr.as_float() if eps_attr is not None else 1e-5
-        scale, bias, mean, var = (c.numpy().astype(np.float64) for c in consts)
+        scale, bias, mean, var = (c.numpy().astype(np.float64) for c in consts if c is not None)
         w = w_val.const_value.numpy()
-        b = b_val.const_value.numpy().astype(np.float64) if b_val is not None else np.zeros_like(mean)
+        b_const = b_val.const_value if b_val is not None else None
+        b = b_const.numpy().astype(np.float64) if b_const is not None else np.zeros_like(mean)
         factor = scale / np.sqrt(var + eps)
         new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
         new_b = ((b - mean) * factor + bias).astype(w.dtype)
@@ -170,6 +173,7 @@ def export(
     finally:
         model.train(was_training)
 
+    assert program is not None
     ir_model: ir.Model = program.model
     n_folded = fold_batchnorm_into_conv(ir_model)
     if n_folded:

@@ -33,11 +33,10 @@ def test_digits_default_placement(digits_onnx) -> None:
 
 def test_relu6_clip_output_is_asymmetric(model_dir) -> None:
     """Clip(min=0, max=6) has a known non-negative range: asymmetric like Relu (a Clip min of 0.0 counts)."""
+    import torch
     from torch import nn
 
     from qdq.torch_export import export
-
-    import torch
 
     path = export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6()).eval(), (torch.randn(2, 3, 8, 8),),
                   model_dir / "relu6.onnx")
