@@ -267,7 +267,7 @@ class CalibrationRunner:
                                    where=f"calibration batch {self.num_batches}"))) if fetch else {}
         self.num_runs += 1
         if measure:
-            size = sum(outs[n].nbytes for n in self._copied)
+            size: float = sum(outs[n].nbytes for n in self._copied)
             size += sum(int(np.prod(outs[s])) * self._itemsize[n] for n, s in self._measure.items())
             self.bytes_per_sample = size / max(chunk.padded, 1) + self._static_bytes
         drop = (chunk.padded, chunk.real) if chunk.padded != chunk.real else None
