@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="output ONNX path (written atomically)")
     _add_data_args(q, "--calib-data", required=False)
     group = q.add_mutually_exclusive_group()
-    group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, fp8, w8, w4")
+    group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, int8-asymmetric, fp8, w8, w4")
     group.add_argument("--config", default=None, help="YAML QuantizerConfig (coreai_opt semantics)")
     q.add_argument("--calibrator", default=None,
                    help="override every activation calculator (e.g. percentile, entropy, mse); keeps all else")
