@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -23,22 +22,14 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ptq_table import cpu_name  # scripts/ is on sys.path when run as a script
+
 from models import efficientnet as eff
 from qdq.demo import ptq_rows
 from qdq.presets import preset
 from qdq.torch_export import export
 
 PRESETS = ("int8", "int8-global-minmax", "w8", "w4")
-
-
-def _cpu() -> str:
-    """CPU model name and core count (for the table's caption)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def main() -> int:
@@ -66,7 +57,7 @@ def main() -> int:
             configs=configs, out_dir=work, progress=False)}
     fp = rows["FP32"]
     caption = (f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} ImageNet-sample images "
-               f"(FP32 top-1 {fp.top1:.2f} %); {datetime.date.today()}, {_cpu()}, onnxruntime {ort.__version__}. "
+               f"(FP32 top-1 {fp.top1:.2f} %); {datetime.date.today()}, {cpu_name()}, onnxruntime {ort.__version__}. "
                "Command: `python scripts/bias_correction_table.py`.")
     lines = [caption, "",
              "| preset | top-1 % off -> on | agreement with FP32 % off -> on | logits SQNR dB off -> on |",

@@ -34,7 +34,7 @@ CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-globa
            "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4"}
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     """CPU model name and core count (for the table's caption)."""
     import os
 
@@ -93,7 +93,7 @@ def main() -> int:
         speed = speedups(fp32, paths, eval_x[:32])
         floats = [len([n for n in float_compute_nodes(p) if n[1] in ("Conv", "Gemm")]) for p in paths]
     caption = (f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} ImageNet-sample images; "
-               f"{datetime.date.today()}, {_cpu()}, onnxruntime {ort.__version__}, "
+               f"{datetime.date.today()}, {cpu_name()}, onnxruntime {ort.__version__}, "
                "2 threads. Command: `python scripts/ptq_table.py`.")
     lines = [caption, "",
              "| config | top-1 % | agreement % | logits SQNR dB | file MB | quantize s | speed vs FP32 (b32) | float Conv/Gemm |",
