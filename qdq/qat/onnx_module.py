@@ -317,8 +317,10 @@ class OnnxModule(nn.Module):
             return not fq.calculator.has_data
         return True
 
-    def _run_site(self, site: FakeQuantSite, x: torch.Tensor, capture: dict[str, Any] | None,
+    def _run_site(self, site: FakeQuantSite, x: torch.Tensor | None, capture: dict[str, Any] | None,
                   forced: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One Q->DQ pair as fake-quant (subclasses, e.g. the backend lowering, run other modules here)."""
+        assert x is not None
         fq = self.fake_quant(site.root)
         if not site.shared and fq.observer_enabled and self._observes(site, fq):
             fq.observe(x)
@@ -336,9 +338,7 @@ class OnnxModule(nn.Module):
         for i, step in enumerate(self._steps):
             ins = [env[n] if n else None for n in step.inputs]
             if step.site is not None:
-                x = ins[0]
-                assert x is not None
-                outs: Any = (self._run_site(step.site, x, capture, forced),)
+                outs: Any = (self._run_site(step.site, ins[0], capture, forced),)
             else:
                 try:
                     outs = step.run(ins, self)  # type: ignore[misc]

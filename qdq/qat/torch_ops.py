@@ -142,6 +142,10 @@ def _input(ins: Tensors, i: int) -> torch.Tensor | None:
 
 
 def _int_list(t: torch.Tensor | None) -> list[int] | None:
+    # a constant may carry its values (qdq.backends.torch_program: readable while torch.export traces)
+    static = getattr(t, "qdq_static_value", None)
+    if static is not None:
+        return list(static)
     return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
 
 
