@@ -24,8 +24,8 @@ __all__ = ["OPS", "CoreAIOps", "torch_dtypes"]
 _DTYPES: dict[QDType, tuple[torch.dtype, torch.dtype]] = {
     QDType.INT8: (torch.int8, torch.int8),
     QDType.UINT8: (torch.uint8, torch.uint8),
-    QDType.INT4: (torch.int4, torch.int8),
-    QDType.UINT4: (torch.uint4, torch.uint8),
+    QDType.INT4: (torch.int4, torch.int8),  # type: ignore[attr-defined]
+    QDType.UINT4: (torch.uint4, torch.uint8),  # type: ignore[attr-defined]
     QDType.FLOAT8_E4M3FN: (torch.float8_e4m3fn, torch.float8_e4m3fn),
     QDType.FLOAT8_E5M2: (torch.float8_e5m2, torch.float8_e5m2),
 }
