@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize an ONNX model", parents=common)
     q.add_argument("model", help="FP32 ONNX model")
-    q.add_argument("-o", "--output", required=True, help="output ONNX path (written atomically)")
+    q.add_argument("-o", "--output", required=True,
+                   help="output path, written atomically: .onnx (onnxruntime), .mlpackage (coreml), .aimodel (coreai)")
     _add_data_args(q, "--calib-data", required=False)
     group = q.add_mutually_exclusive_group()
     group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, int8-asymmetric, fp8, w8, w4")
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibrator", default=None,
                    help="override every activation calculator (e.g. percentile, entropy, mse); keeps all else")
     q.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), coreml or coreai")
+    apple = q.add_argument_group("Core ML / Core AI conversion")
+    apple.add_argument("--deployment-target", default=None,
+                       help="Core ML minimum deployment target: iOS17 (default) or iOS18 (needed for int4 weights)")
+    apple.add_argument("--compute-precision", default=None, help="Core ML compute precision: float32 (default) or float16")
+    apple.add_argument("--input-names", default=None, help="comma-separated input names in the converted model "
+                                                           "(default: the ONNX graph's)")
+    apple.add_argument("--output-names", default=None, help="comma-separated output names (default: the ONNX graph's)")
 
     c = sub.add_parser("compare", help="FP32 vs quantized: SQNR, top-1 agreement, accuracy, per-layer error",
                        parents=common)
@@ -148,9 +156,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.output)
     quantize(args.model, _config(args), args.calib_data, backend=args.backend, batch_size=args.batch_size,
              num_samples=args.num_samples, calibrator=args.calibrator, output=out, progress=not args.quiet,
-             image_size=args.image_size, mean=args.mean, std=args.std)
+             image_size=args.image_size, mean=args.mean, std=args.std, deployment_target=args.deployment_target,
+             compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names)
     if not args.quiet:
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, backend {args.backend})")
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+        print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend})")
     return 0
 
 

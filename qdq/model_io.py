@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Models whose initializers exceed this many bytes are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# directory artifacts of the torch-program backends (suffix -> backend), written by their own save()
+_DIR_ARTIFACTS = {".mlpackage": "coreml", ".aimodel": "coreai"}
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto | ir.Model"
 
@@ -134,10 +136,19 @@ def _old_data_file(path: Path, data_name: str) -> Path | None:
 def save(model: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``path`` atomically; large models get external data (``<name>.data``).
 
+    A Core ML / Core AI :class:`~qdq.backends.artifact.BackendArtifact` (what ``finalize(backend=...)``
+    returns) is converted and written as its ``.mlpackage`` / ``.aimodel`` directory, also atomically.
+
     Both files are written under temporary names in the target folder, then the data file and
     finally the model are renamed into place. On any failure (or Ctrl-C) the previous files at
     ``path`` are restored and no temporary file is left.
     """
+    if hasattr(model, "exported_program") and hasattr(model, "save"):  # a BackendArtifact
+        return Path(model.save(path))
+    if Path(path).suffix in _DIR_ARTIFACTS:
+        raise ModelError(f"cannot write an ONNX model as {Path(path).name}: {Path(path).suffix} is a "
+                         f"{_DIR_ARTIFACTS[Path(path).suffix]} model; finalize with backend="
+                         f"{_DIR_ARTIFACTS[Path(path).suffix]!r} first, or save as .onnx")
     model = load_model(model)
     path = Path(path)
     folder = path.parent
@@ -202,7 +213,7 @@ def check_output_path(path: str | os.PathLike[str], *, inputs: Any = ()) -> Path
 
     out = Path(path)
     folder = out.parent
-    if out.is_dir():
+    if out.is_dir() and out.suffix not in _DIR_ARTIFACTS:
         raise ConfigError(f"-o {out} is a directory; give a file name such as {out / 'model.onnx'}")
     if not folder.exists():
         raise ConfigError(f"output folder {folder} does not exist; create it (mkdir -p {folder}) or choose another -o")

@@ -18,7 +18,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qdq.backends import ExportBackend
-from qdq.backends.capabilities import check_plan
+from qdq.backends.artifact import backend_options, check_backend_plan, check_suffix, is_torch_backend, require_converter
 from qdq.errors import ConfigError
 from qdq.model_check import external_locations
 from qdq.model_io import check_output_path, save
@@ -62,7 +62,9 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
              backend: Any = ExportBackend.ONNXRuntime, batch_size: int = 16, num_samples: int | None = None,
              calibrator: str | None = None, output: str | os.PathLike[str] | None = None, progress: bool = True,
              image_size: int | Sequence[int] | None = None, mean: Sequence[float] | float | None = None,
-             std: Sequence[float] | float | None = None) -> ir.Model:
+             std: Sequence[float] | float | None = None, deployment_target: str | None = None,
+             compute_precision: str | None = None, input_names: Sequence[str] | str | None = None,
+             output_names: Sequence[str] | str | None = None) -> Any:
     """Quantize ``model`` (path / ModelProto / onnx_ir.Model) and finalize it for ``backend``.
 
     ``config``: QuantizerConfig, mapping, YAML path or preset name (default ``int8``).
@@ -70,7 +72,11 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     iterable of batches (arrays, tuples or dicts by input name). Configs that quantize
     activations need it; weight-only presets use it for bias correction (skipped with a warning
     without it). ``calibrator`` replaces every activation calculator, keeping all other settings.
-    ``output``: also save the result there (atomically; checked writable before any work).
+    ``output``: also save the result there (atomically; checked writable before any work): ``.onnx`` for
+    onnxruntime, ``.mlpackage`` for Core ML, ``.aimodel`` for Core AI. ``deployment_target``,
+    ``compute_precision``, ``input_names``, ``output_names``: Core ML / Core AI conversion options (see
+    :func:`qdq.backends.artifact.backend_options`). Returns an ``onnx_ir.Model`` for onnxruntime and a
+    :class:`~qdq.backends.artifact.BackendArtifact` for Core ML / Core AI.
     """
     check_options(batch_size=batch_size, num_samples=num_samples, image_size=image_size, mean=mean, std=std)
     cfg = as_config("int8" if config is None else config)
@@ -79,13 +85,24 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
 
         cfg = with_activation_calculator(cfg, calibrator)
     backend = ExportBackend.parse(backend)
+    torch_backend = is_torch_backend(backend)
+    given = (("deployment_target", deployment_target), ("compute_precision", compute_precision),
+             ("input_names", input_names), ("output_names", output_names))
+    extra: dict[str, Any] = {k: v for k, v in given if v is not None}
+    if extra and not torch_backend:
+        raise ConfigError(f"{', '.join(extra)} are Core ML / Core AI options; add --backend coreml or coreai")
+    options = backend_options(**extra) if torch_backend else None
     reads = [Path(p) for p in (model, calibration_data) if isinstance(p, (str, os.PathLike))]
     if output is not None:
         check_output_path(output, inputs=reads)  # never the model or the data file qdq reads
     quantizer = Quantizer(model, cfg)
     if output is not None:
         check_output_path(output, inputs=external_locations(quantizer.float_model))
-    check_plan(quantizer.plan, backend)
+    check_backend_plan(quantizer.plan, backend, options)
+    if output is not None and (torch_backend or Path(output).suffix in (".mlpackage", ".aimodel")):
+        check_suffix(output, backend)
+    if torch_backend:
+        require_converter(backend)  # the converter's extra is installed (one line naming it if not)
     batches: Any = None
     total: int | None = None
     if quantizer.needs_data:
@@ -102,7 +119,9 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     quantizer.prepare()
     if batches is not None:
         quantizer.calibrate(batches, total=total, progress=progress)
-    final = quantizer.finalize(backend)
+    final = quantizer.finalize(backend, options=options) if torch_backend else quantizer.finalize(backend)
+    for note in getattr(final, "notes", []):
+        logger.warning("%s legalization: %s", backend.value, note)
     if output is not None:
         save(final, output)
     return final

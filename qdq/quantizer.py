@@ -123,6 +123,7 @@ class Quantizer:
         self._calibrating = False
         self._qdq_cache: ir.Model | None = None
         self._session: Any = None
+        self._example_feeds: dict[str, np.ndarray] | None = None  # a slice of the first batch, to trace with
         self.prepared: PreparedModel | None = None
         logger.info("plan: %s", self.plan.summary())
 
@@ -210,6 +211,8 @@ class Quantizer:
         """Feed one calibration batch (checked against the model inputs before any session is built)."""
         inputs = model_inputs(self.float_model)
         feeds = inputs.feeds(batch, "calibration batch")
+        if self._example_feeds is None:
+            self._example_feeds = _example_slice(self.float_model, feeds)
         if self._runner is None:
             self._runner = CalibrationRunner(self.float_model, self._activation_calculators(), outputs=True,
                                              inputs=inputs)
@@ -287,19 +290,55 @@ class Quantizer:
             self._session = make_session(self.qdq_model(), level="none")  # exact reference semantics: no QDQ rewrites
         return run_batched(self._session, feeds, inputs)
 
-    def finalize(self, backend: Any = ExportBackend.ONNXRuntime) -> ir.Model:
-        """The QDQ model legalized for ``backend`` (a new ``onnx_ir.Model``; save with ``qdq.save``)."""
-        return finalize_model(self.qdq_model(), backend)
+    def finalize(self, backend: Any = ExportBackend.ONNXRuntime, *, example_inputs: Any = None,
+                 **backend_options: Any) -> Any:
+        """The QDQ model finalized for ``backend``; save the result with ``qdq.save``.
+
+        onnxruntime: a new ``onnx_ir.Model`` (real int8 kernels). Core ML / Core AI: a
+        :class:`~qdq.backends.artifact.BackendArtifact` carrying the ``torch.export`` program, converted by
+        coremltools / coreai-torch on ``save("m.mlpackage")`` / ``save("m.aimodel")``. ``backend_options``:
+        ``deployment_target`` (Core ML ``"iOS17"`` / ``"iOS18"``), ``compute_precision``, ``input_names``,
+        ``output_names``, ``dynamic_batch``. ``example_inputs`` trace the program (default: a slice of the
+        first calibration batch, else the graph's input shapes).
+        """
+        if example_inputs is None and self._example_feeds is not None:
+            feeds = self._example_feeds
+            if all(name in feeds for name in self.input_names):
+                example_inputs = [feeds[name] for name in self.input_names]
+        return finalize_model(self.qdq_model(), backend, example_inputs=example_inputs, **backend_options)
 
 
-def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime) -> ir.Model:
-    """Legalize any prepared QDQ model (qdq's own, or exported by the torch mirror) for ``backend``.
+def _example_slice(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first two samples of a batch (of inputs whose batch dimension is symbolic; others whole)."""
+    out = {}
+    for v in model.graph.inputs:
+        x = feeds.get(v.name or "")
+        if x is None:
+            continue
+        dynamic = v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int)
+        out[v.name or ""] = np.array(x[:2]) if dynamic and x.ndim else np.array(x)
+    return out
 
-    Returns a new model; the input is not modified.
+
+def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime, *, example_inputs: Any = None,
+                   options: Any = None, **backend_options: Any) -> Any:
+    """Finalize any prepared QDQ model (qdq's own, or exported by the torch mirror) for ``backend``.
+
+    onnxruntime: a new, legalized ``onnx_ir.Model``. Core ML / Core AI: a
+    :class:`~qdq.backends.artifact.BackendArtifact` (see :meth:`Quantizer.finalize` for the options).
+    The input is not modified.
     """
+    from qdq.backends.artifact import backend_options as make_options
+    from qdq.backends.artifact import finalize_for_backend, is_torch_backend
     from qdq.backends.pipelines import run_finalize
 
     backend = ExportBackend.parse(backend)
+    if is_torch_backend(backend):
+        opts = make_options(options, **backend_options)
+        return finalize_for_backend(model, backend, opts, example_inputs=example_inputs)
+    if backend_options or options is not None:
+        raise ConfigError(f"{', '.join(sorted(backend_options)) or 'options'}: options of the Core ML / Core AI "
+                          f"backends, not of {backend.value}")
     base = load_model(model)
     model = base.clone()
     check_capabilities(model, backend)

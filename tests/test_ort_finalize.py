@@ -300,10 +300,13 @@ def test_digits_finalized_accuracy_and_integer_kernels(digits_onnx, digits_data,
             assert not any(k.startswith(("qdq.", "pkg.torch.")) for k in keys), (node.name, keys)
 
 
-def test_coreml_finalize_only_folds_weights(digits_onnx, digits_data) -> None:
-    assert [type(p).__name__ for p in finalize_passes(ExportBackend.CoreML)] == ["FoldWeightsPass"]
+def test_apple_backends_have_no_onnx_passes(digits_onnx, digits_data) -> None:
+    """Core ML / Core AI read torch programs (qdq.backends.artifact), not a rewritten ONNX graph."""
+    assert finalize_passes(ExportBackend.CoreML) == [] and finalize_passes(ExportBackend.CoreAI) == []
     q = _calibrated(digits_onnx, digits_data[0][:64])
-    final = q.finalize(ExportBackend.CoreML)
-    assert not any(n.inputs[0].const_value is not None for n in _nodes(final, "QuantizeLinear"))
-    assert all(n.inputs[2].dtype == ir.DataType.INT8 for n in _nodes(final, "QuantizeLinear"))  # still int8
-    assert all(len(n.inputs) < 3 or n.inputs[2].const_value is not None for n in _nodes(final, "Conv"))
+    before = q.qdq_model()
+    final = q.finalize(ExportBackend.CoreAI)
+    assert type(final).__name__ == "BackendArtifact" and final.exported_program is not None
+    # the prepared model is not modified; the artifact's ONNX copy has the same Q/DQ pairs
+    assert len(_nodes(q.qdq_model(), "QuantizeLinear")) == len(_nodes(before, "QuantizeLinear"))
+    assert len(_nodes(final.onnx_model, "QuantizeLinear")) == len(_nodes(before, "QuantizeLinear"))

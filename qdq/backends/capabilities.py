@@ -4,10 +4,12 @@
 |--------------|--------------------------------------------|--------------------------------|-----------------------------|------------------------|
 | onnxruntime  | all eight                                  | all eight                      | tensor / channel / block    | tensor / channel       |
 | coreml       | int8 uint8 int4 uint4                      | int8 uint8                     | tensor / channel / block    | tensor                 |
-| coreai       | int8 uint8 int4 uint4 float8_e4m3fn e5m2   | int8 uint8 float8_e4m3fn e5m2  | tensor / channel / block    | tensor                 |
+| coreai       | int8 uint8 int4 uint4 float8_e4m3fn e5m2   | int8 uint8 float8_e4m3fn e5m2  | tensor / channel / block    | tensor / channel       |
 
 Core ML's mlprogram has no float8 and no 16-bit activation quantization (``quantize`` takes
-int8/uint8 only); Core AI's ``coreai::quantize``/``constexpr_blockwise_shift_scale`` add float8.
+int8/uint8 only, per tensor); Core AI's ``coreai::quantize``/``constexpr_blockwise_shift_scale`` add float8
+and per-channel activations. Option-dependent rules (Core ML's iOS18 for 4-bit weights) live in each
+backend's ``legalize_plan``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ CAPABILITIES: dict[ExportBackend, BackendCapabilities] = {
         activation_granularity=frozenset({"per_tensor", "per_channel"}),
     ),
     ExportBackend.CoreML: BackendCapabilities(weight_dtypes=_INT8 | _INT4, activation_dtypes=_INT8),
-    ExportBackend.CoreAI: BackendCapabilities(weight_dtypes=_INT8 | _INT4 | _FP8, activation_dtypes=_INT8 | _FP8),
+    ExportBackend.CoreAI: BackendCapabilities(weight_dtypes=_INT8 | _INT4 | _FP8, activation_dtypes=_INT8 | _FP8,
+                                              activation_granularity=frozenset({"per_tensor", "per_channel"})),
 }
 
 

@@ -12,7 +12,8 @@ onnxruntime (CPU, ``ORT_ENABLE_ALL``), in order:
    so Conv meets its Q (exact).
 6. :class:`StripMetadataPass` - qdq metadata kept on activation Q nodes only; exporter debug info dropped.
 
-Core ML / Core AI: weight folding only (their converters read the integer weights).
+Core ML / Core AI have no ONNX passes: their converters read torch programs, built by
+:func:`qdq.backends.artifact.finalize_for_backend` (legalize -> fold Relu/Clip -> lower).
 
 :func:`finalize_pipeline` composes them in an ``onnx_ir.passes.PassManager``; :func:`run_finalize`
 runs it on a model in place (what :func:`qdq.quantizer.finalize_model` does on a copy).
@@ -48,8 +49,6 @@ def finalize_passes(backend: ExportBackend) -> list[ir.passes.InPlacePass]:
             FoldActivationClipPass(),
             StripMetadataPass(),
         ]
-    if backend in (ExportBackend.CoreML, ExportBackend.CoreAI):
-        return [FoldWeightsPass()]
     return []
 
 

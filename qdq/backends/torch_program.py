@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -227,6 +228,24 @@ def _batch_dynamic_shapes(model: ir.Model, inputs: Sequence[torch.Tensor]) -> tu
     return tuple(spec) if any(s is not None for s in spec) else None
 
 
+def _export(program: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: tuple[Any, ...] | None,
+            backend: str) -> Any:
+    """``torch.export.export`` with a dynamic batch, falling back to static shapes (logged) if that fails."""
+    if dynamic is not None:
+        try:
+            return torch.export.export(program, inputs, dynamic_shapes={"args": dynamic})
+        except Exception as exc:  # noqa: BLE001  (any tracer failure: retry static)
+            logger.warning("export with a dynamic batch dimension failed (%s); exporting with static shapes %s",
+                           first_line(exc, with_type=True), [tuple(x.shape) for x in inputs])
+    try:
+        return torch.export.export(program, inputs)
+    except QdqError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"torch.export could not trace the {backend} program: "
+                           f"{first_line(exc, with_type=True)}") from exc
+
+
 def lower(model: Any, ops: BackendOps, options: BackendOptions | None = None, *,
           example_inputs: Sequence[Any] | None = None) -> LoweredProgram:
     """Lower a prepared QDQ model to ``ops``' torch program (see the module docstring).
@@ -246,25 +265,16 @@ def lower(model: Any, ops: BackendOps, options: BackendOptions | None = None, *,
                             f"got {len(inputs)} example inputs")
     program = _Program(module).eval()
     dynamic = _batch_dynamic_shapes(model, inputs) if options.dynamic_batch else None
-    ep = None
-    if dynamic is not None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own pytree deprecations
+        ep = _export(program, inputs, dynamic, ops.name)
         try:
-            ep = torch.export.export(program, inputs, dynamic_shapes={"args": dynamic})
-        except Exception as exc:  # noqa: BLE001  (any tracer failure: retry static)
-            logger.warning("export with a dynamic batch dimension failed (%s); exporting with static shapes %s",
-                           first_line(exc, with_type=True), [tuple(x.shape) for x in inputs])
-    if ep is None:
-        try:
-            ep = torch.export.export(program, inputs)
+            ep = ep.run_decompositions(ops.decompositions())
         except QdqError:
             raise
         except Exception as exc:
-            raise BackendError(f"torch.export could not trace the {ops.name} program: "
-                               f"{first_line(exc, with_type=True)}") from exc
-    try:
-        ep = ep.run_decompositions(ops.decompositions())
-    except Exception as exc:
-        raise BackendError(f"decomposing the {ops.name} program failed: {first_line(exc, with_type=True)}") from exc
+            raise BackendError(f"decomposing the {ops.name} program failed: {first_line(exc, with_type=True)}") \
+                from exc
     return LoweredProgram(
         backend=ops.name, program=ep, module=module,
         input_names=tuple(options.input_names or module.input_names),

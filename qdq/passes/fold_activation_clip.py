@@ -76,7 +76,7 @@ def _remove(graph: ir.Graph, act: ir.Node) -> None:
         drop_if_unused(graph, v)
 
 
-def _fold(graph: ir.Graph, q: ir.Node) -> str | None:
+def _fold(graph: ir.Graph, q: ir.Node, move: bool = True) -> str | None:
     x_q = q.inputs[0]
     act = x_q.producer() if x_q is not None else None
     if act is None or x_q is None or x_q.is_graph_output() or len(x_q.uses()) != 1:
@@ -103,6 +103,8 @@ def _fold(graph: ir.Graph, q: ir.Node) -> str | None:
         _remove(graph, act)
         q.metadata_props["qdq.folded_activation"] = act.op_type
         return "dropped"
+    if not move:
+        return None
     scale = const_array(q.inputs[1])
     if ir_dtype not in _INT_CLIP_DTYPES or scale is None or scale.size != 1:
         return None
@@ -146,13 +148,17 @@ def _fold(graph: ir.Graph, q: ir.Node) -> str | None:
     return "moved"
 
 
-def fold_activation_clip(model: ir.Model) -> dict[str, int]:
-    """Fold every Relu/Clip -> QuantizeLinear of ``model`` (in place); returns counts of dropped / moved."""
+def fold_activation_clip(model: ir.Model, *, move: bool = True) -> dict[str, int]:
+    """Fold every Relu/Clip -> QuantizeLinear of ``model`` (in place); returns counts of dropped / moved.
+
+    ``move=False`` only drops activations the Q's range makes redundant (a backend whose Q -> DQ pairs
+    must stay adjacent, e.g. the torch-program lowering for Core ML / Core AI).
+    """
     graph = model.graph
     counts = {"dropped": 0, "moved": 0}
     for node in graph:
         if is_q(node):
-            what = _fold(graph, node)
+            what = _fold(graph, node, move)
             if what is not None:
                 counts[what] += 1
     if counts["dropped"] or counts["moved"]:
@@ -162,8 +168,15 @@ def fold_activation_clip(model: ir.Model) -> dict[str, int]:
 
 
 class FoldActivationClipPass(ir.passes.InPlacePass):
-    """Relu / Clip -> QuantizeLinear: drop the activation, or clip the integers after the Q (exact either way)."""
+    """Relu / Clip -> QuantizeLinear: drop the activation, or clip the integers after the Q (exact either way).
+
+    ``move=False``: drop only (no integer Clip between a Q and its DQ).
+    """
+
+    def __init__(self, move: bool = True) -> None:
+        super().__init__()
+        self.move = move
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        counts = fold_activation_clip(model)
+        counts = fold_activation_clip(model, move=self.move)
         return ir.passes.PassResult(model, modified=bool(counts["dropped"] or counts["moved"]))

@@ -62,7 +62,8 @@ class WeightConstexpr(nn.Module):
         super().__init__()
         logical, storage = torch_dtypes(site.dtype)
         rank = codes.ndim
-        self.input_dtype = logical
+        # float8 codes carry their dtype; integer codes are stored in int8/uint8, so pin the bit width
+        self.input_dtype = None if site.dtype.is_float else logical
         self.register_buffer("data", torch.from_numpy(np.asarray(codes, np.float32 if site.dtype.is_float
                                                                  else np.int32)).to(storage))
         self.register_buffer("scale", torch.from_numpy(_rank_shaped(site.scale, site, rank).astype(np.float32)))

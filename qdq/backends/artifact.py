@@ -1,0 +1,192 @@
+"""``finalize(backend=CoreML | CoreAI)``: a prepared QDQ model legalized, lowered to a torch program, converted on save.
+
+:func:`finalize_for_backend` runs the stages of a torch-program backend in order:
+
+1. **legalize** (the backend's ``legalize``): refuse what its converter cannot take, rewrite what it can
+   take another way (each rewrite is a :class:`~qdq.backends.lowering.LegalizationNote`);
+2. **fold** Relu / Clip before a Q where the Q's range makes them redundant (exact, as for onnxruntime);
+3. **lower** (:func:`qdq.backends.torch_program.lower`): integer weights and the backend's Q/DQ ops in a
+   ``torch.export`` program.
+
+The :class:`BackendArtifact` it returns carries the ``ExportedProgram`` (for users who call coremltools or
+coreai-torch themselves), the eager module it was traced from and the notes; ``save("m.mlpackage")`` /
+``save("m.aimodel")`` converts with the real converter and writes atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qdq.backends.capabilities import ExportBackend, check_plan
+from qdq.backends.lowering import BackendOptions, LegalizationNote, LoweredProgram
+from qdq.errors import BackendError, ConfigError
+from qdq.model_io import load_model
+from qdq.plan import QuantPlan
+
+__all__ = ["SUFFIXES", "BackendArtifact", "backend_module", "backend_options", "check_backend_plan",
+           "check_suffix", "finalize_for_backend", "is_torch_backend", "require_converter"]
+
+_MODULES = {ExportBackend.CoreML: "qdq.backends.coreml", ExportBackend.CoreAI: "qdq.backends.coreai"}
+SUFFIXES = {ExportBackend.ONNXRuntime: ".onnx", ExportBackend.CoreML: ".mlpackage", ExportBackend.CoreAI: ".aimodel"}
+_TARGETS = ("iOS17", "iOS18")
+_PRECISIONS = ("float32", "float16")
+
+
+def is_torch_backend(backend: Any) -> bool:
+    """True for the backends finalized through a torch program (Core ML, Core AI)."""
+    return ExportBackend.parse(backend) in _MODULES
+
+
+def backend_module(backend: Any) -> ModuleType:
+    """``qdq.backends.coreml`` / ``qdq.backends.coreai`` (OPS, legalize_plan, legalize, convert, save, inspect)."""
+    backend = ExportBackend.parse(backend)
+    if backend not in _MODULES:
+        raise BackendError(f"{backend.value} is finalized as an ONNX model, not through a torch program")
+    return importlib.import_module(_MODULES[backend])
+
+
+def backend_options(options: BackendOptions | None = None, *, deployment_target: str | None = None,
+                    compute_precision: str | None = None, input_names: Any = None, output_names: Any = None,
+                    dynamic_batch: bool | None = None) -> BackendOptions:
+    """:class:`BackendOptions` with the given fields replaced and checked (ConfigError naming the choices)."""
+    options = options or BackendOptions()
+    changes: dict[str, Any] = {}
+    if deployment_target is not None:
+        target = next((t for t in _TARGETS if t.lower() == str(deployment_target).lower()), None)
+        if target is None:
+            raise ConfigError(f"unknown deployment target {deployment_target!r}; choose {' or '.join(_TARGETS)}")
+        changes["deployment_target"] = target
+    if compute_precision is not None:
+        precision = str(compute_precision).lower().replace("fp", "float")
+        if precision not in _PRECISIONS:
+            raise ConfigError(f"unknown compute precision {compute_precision!r}; choose {' or '.join(_PRECISIONS)}")
+        changes["compute_precision"] = precision
+    for field, names in (("input_names", input_names), ("output_names", output_names)):
+        if names is not None:
+            seq = tuple(n.strip() for n in (names.split(",") if isinstance(names, str) else names))
+            if not seq or any(not n for n in seq) or len(set(seq)) != len(seq):
+                raise ConfigError(f"{field.replace('_', ' ')} must be distinct non-empty names, got {list(seq)}")
+            changes[field] = seq
+    if dynamic_batch is not None:
+        changes["dynamic_batch"] = bool(dynamic_batch)
+    return dataclasses.replace(options, **changes)
+
+
+def require_converter(backend: Any) -> None:
+    """BackendError naming the extra to install when ``backend``'s converter (coremltools / coreai-torch) is missing."""
+    backend = ExportBackend.parse(backend)
+    if backend is ExportBackend.CoreML:
+        from qdq.backends.coreml.convert import coremltools
+
+        coremltools()
+    elif backend is ExportBackend.CoreAI:
+        from qdq.backends.coreai._extra import require
+
+        require("coreai_torch")
+
+
+def check_suffix(path: str | os.PathLike[str], backend: Any) -> None:
+    """ConfigError when ``path`` does not end as ``backend``'s artifact does (checked before any work)."""
+    backend = ExportBackend.parse(backend)
+    want = SUFFIXES[backend]
+    got = Path(path).suffix
+    if got == want:
+        return
+    other = next((b for b, s in SUFFIXES.items() if s == got), None)
+    hint = f" ({got} is the {other.value} format: pass --backend {other.value})" if other is not None else ""
+    raise ConfigError(f"-o {path}: a {backend.value} model is saved as *{want}{hint}; use -o model{want}")
+
+
+def check_backend_plan(plan: QuantPlan, backend: Any, options: BackendOptions | None = None) -> None:
+    """Before calibration: every planned spec must convert for ``backend`` with ``options`` (BackendError if not)."""
+    backend = ExportBackend.parse(backend)
+    check_plan(plan, backend)  # the capability table (data) first, then the option-dependent rules
+    if backend in _MODULES:
+        backend_module(backend).legalize_plan(plan, options or BackendOptions())
+
+
+@dataclasses.dataclass
+class BackendArtifact:
+    """A prepared QDQ model finalized for Core ML or Core AI.
+
+    ``exported_program``: the ``torch.export.ExportedProgram`` the converter reads; ``module``: the eager
+    module it was traced from (integer weights, the backend's Q/DQ ops); ``notes``: what legalization
+    changed; ``onnx_model``: the legalized prepared QDQ model that was lowered. :meth:`convert` returns the
+    converter's model (a coremltools ``MLModel`` / a Core AI ``AIProgram``), :meth:`save` writes it.
+    """
+
+    backend: ExportBackend
+    lowered: LoweredProgram
+    onnx_model: ir.Model
+
+    @property
+    def exported_program(self) -> Any:
+        return self.lowered.program
+
+    @property
+    def module(self) -> Any:
+        return self.lowered.module
+
+    @property
+    def notes(self) -> list[LegalizationNote]:
+        return self.lowered.notes
+
+    @property
+    def options(self) -> BackendOptions:
+        return self.lowered.options
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.lowered.input_names)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.lowered.output_names)
+
+    def convert(self) -> Any:
+        """The converted model (coremltools ``MLModel`` for Core ML, ``AIProgram`` for Core AI)."""
+        return backend_module(self.backend).convert(self.lowered)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Convert and write ``path`` (``.mlpackage`` / ``.aimodel``) atomically."""
+        check_suffix(path, self.backend)
+        return Path(backend_module(self.backend).save(self.lowered, path))
+
+    def run(self, *inputs: Any) -> list[np.ndarray]:
+        """The lowered program's outputs in eager torch (what the converted model computes, up to float rounding)."""
+        import torch
+
+        args = [x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x in inputs]
+        with torch.no_grad():
+            out = self.module(*args)
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        return [o.detach().cpu().numpy() for o in outs]
+
+    def __repr__(self) -> str:
+        return (f"BackendArtifact({self.backend.value}, inputs={list(self.input_names)}, "
+                f"outputs={list(self.output_names)}, notes={len(self.notes)})")
+
+
+def finalize_for_backend(model: Any, backend: Any, options: BackendOptions | None = None, *,
+                         example_inputs: Any = None) -> BackendArtifact:
+    """Legalize, fold and lower a prepared QDQ model for Core ML / Core AI (the input is not modified)."""
+    from qdq.backends.torch_program import lower
+    from qdq.passes.fold_activation_clip import FoldActivationClipPass
+
+    backend = ExportBackend.parse(backend)
+    module = backend_module(backend)
+    options = options or BackendOptions()
+    prepared = load_model(model).clone()
+    notes = list(module.legalize(prepared, options))
+    FoldActivationClipPass(move=False)(prepared)
+    lowered = lower(prepared, module.OPS, options, example_inputs=example_inputs)
+    lowered.notes = notes
+    return BackendArtifact(backend=backend, lowered=lowered, onnx_model=prepared)

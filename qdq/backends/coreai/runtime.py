@@ -1,0 +1,97 @@
+"""Run a saved ``.aimodel`` with the Core AI runtime (coreai-core runs on Linux too).
+
+:class:`CoreAIRuntime` loads the asset once and runs batches synchronously (the runtime's API is async)::
+
+    with CoreAIRuntime("m.aimodel") as rt:
+        logits = rt.run({"x": batch})[0]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+from qdq.backends.coreai._extra import require
+from qdq.errors import BackendError, DataError, first_line
+
+__all__ = ["CoreAIRuntime", "run"]
+
+
+class CoreAIRuntime:
+    """A loaded ``.aimodel`` function (``main`` by default); a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], function: str = "main") -> None:
+        self.path = Path(path)
+        self.function = function
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: Any = None
+        self._fn: Any = None
+        authoring = require("coreai.authoring")
+        self._ndarray = require("coreai.runtime").NDArray
+        try:
+            self._asset = authoring.AIModelAsset.load(self.path)
+            summary = self._asset.summary()
+            self.input_names = [n for n, _ in summary.function_inputs(function)]
+            self.output_names = [n for n, _ in summary.function_outputs(function)]
+        except Exception as exc:
+            raise BackendError(f"cannot load the Core AI asset {self.path}: {first_line(exc, with_type=True)}") \
+                from exc
+
+    def __enter__(self) -> Self:
+        self._loop = asyncio.new_event_loop()
+        self._context = self._asset.executable()
+        try:
+            model = self._loop.run_until_complete(self._context.__aenter__())
+            self._fn = model.load_function(self.function)
+        except Exception as exc:
+            self.close()
+            raise BackendError(f"the Core AI runtime cannot load {self.path}: {first_line(exc, with_type=True)}") \
+                from exc
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            if self._context is not None:
+                self._loop.run_until_complete(self._context.__aexit__(None, None, None))
+        finally:
+            self._loop.close()
+            self._loop = self._context = self._fn = None
+
+    def run(self, feeds: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> list[np.ndarray]:
+        """Outputs (in the asset's order) for one batch: a dict by input name, a sequence, or one array."""
+        if self._loop is None or self._fn is None:
+            raise BackendError("CoreAIRuntime.run() outside its 'with' block")
+        if isinstance(feeds, Mapping):
+            named = dict(feeds)
+        else:
+            values = [feeds] if isinstance(feeds, np.ndarray) else list(feeds)
+            if len(values) != len(self.input_names):
+                raise DataError(f"{self.path.name} takes {len(self.input_names)} inputs "
+                                f"({', '.join(self.input_names)}), got {len(values)}")
+            named = dict(zip(self.input_names, values))
+        unknown = sorted(set(named) - set(self.input_names))
+        if unknown:
+            raise DataError(f"unknown input(s) {unknown} for {self.path.name}; it takes {self.input_names}")
+        args = {k: self._ndarray(np.ascontiguousarray(np.asarray(v))) for k, v in named.items()}
+        try:
+            out = self._loop.run_until_complete(self._fn(args))
+        except Exception as exc:
+            raise BackendError(f"the Core AI runtime failed on {self.path.name}: {first_line(exc, with_type=True)}") \
+                from exc
+        return [np.array(out[name].numpy()) for name in self.output_names]
+
+
+def run(path: str | os.PathLike[str], feeds: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> list[np.ndarray]:
+    """Load ``path`` and run one batch (use :class:`CoreAIRuntime` for many)."""
+    with CoreAIRuntime(path) as rt:
+        return rt.run(feeds)
