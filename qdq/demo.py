@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from qdq.metrics import sqnr_db
 from qdq.model_io import load_model
 from qdq.oneshot import quantize
 from qdq.progress import progress_bar
 from qdq.session import make_session
 
-__all__ = ["SEED_CONFIGS", "PTQRow", "format_table", "ptq_rows", "run_demo"]
+__all__ = ["APPLE_CASES", "SEED_CONFIGS", "PTQRow", "apple_table", "format_table", "ptq_rows", "run_demo"]
 
 #: The seed article's three configs, by row name.
 SEED_CONFIGS: dict[str, str] = {
@@ -48,11 +49,6 @@ def _logits(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
-def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - test) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
-
-
 def ptq_rows(fp32_path: str | Path, calib: Callable[[], Iterable[np.ndarray]], eval_x: np.ndarray,
              eval_y: np.ndarray, *, configs: dict[str, Any] | None = None, batch_size: int = 32,
              out_dir: str | Path | None = None, progress: bool = True) -> list[PTQRow]:
@@ -71,7 +67,7 @@ def ptq_rows(fp32_path: str | Path, calib: Callable[[], Iterable[np.ndarray]], e
         seconds = time.perf_counter() - t0
         logits = _logits(path, eval_x, batch_size)
         rows.append(PTQRow(name, float((logits.argmax(-1) == eval_y).mean() * 100),
-                           float((logits.argmax(-1) == ref.argmax(-1)).mean() * 100), _sqnr(ref, logits),
+                           float((logits.argmax(-1) == ref.argmax(-1)).mean() * 100), sqnr_db(ref, logits),
                            path.stat().st_size / 1e6, seconds))
     return rows
 
@@ -88,18 +84,52 @@ def format_table(rows: list[PTQRow], title: str) -> str:
     return "\n".join(lines)
 
 
-def digits_table(work: Path, progress: bool = True) -> str:
+def _digits(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
     import torch
 
     from models.digits import load_digits_data, trained_digits_cnn
     from qdq.torch_export import export
 
-    model, _ = trained_digits_cnn()
+    path = work / "digits.onnx"
     x_tr, _, x_te, y_te = load_digits_data()
-    path = export(model, (torch.from_numpy(x_tr[:2]),), work / "digits.onnx")
+    if not path.exists():
+        model, _ = trained_digits_cnn()
+        export(model, (torch.from_numpy(x_tr[:2]),), path)
+    return path, x_tr, x_te, y_te
+
+
+def digits_table(work: Path, progress: bool = True) -> str:
+    path, x_tr, x_te, y_te = _digits(work)
     rows = ptq_rows(path, lambda: (x_tr[i:i + 64] for i in range(0, 512, 64)), x_te, y_te, out_dir=work,
                     progress=progress)
     return format_table(rows, f"Digits CNN (scikit-learn digits: calibrate on 512 train images, evaluate on {len(x_te)} test images)")
+
+
+#: The demo's Core ML / Core AI rows: (backend, preset, conversion options).
+APPLE_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("coreml", "int8", {"deployment_target": "iOS17"}), ("coreml", "w4", {"deployment_target": "iOS18"}),
+    ("coreai", "int8", {}), ("coreai", "fp8", {}),
+]
+
+
+def apple_table(work: Path) -> str:
+    """The digits CNN through coremltools and coreai-torch (the converters that are installed), or why not."""
+    import importlib.util
+
+    from qdq.backend_eval import backend_rows, format_backend_table
+
+    have = {"coreml": importlib.util.find_spec("coremltools") is not None,
+            "coreai": importlib.util.find_spec("coreai_torch") is not None}
+    cases = [c for c in APPLE_CASES if have[c[0]]]
+    missing = [b for b, ok in have.items() if not ok]
+    skipped = f"(skipped {', '.join(missing)}: pip install 'qdq[{','.join(missing)}]')" if missing else ""
+    if not cases:
+        return "\n(Core ML / Core AI rows " + skipped + ")"
+    path, x_tr, x_te, y_te = _digits(work)
+    rows = backend_rows(path, lambda: (x_tr[i:i + 64] for i in range(0, 512, 64)), x_te, y_te, cases, work)
+    table = format_backend_table(rows, "Digits CNN on Core ML / Core AI (converted by coremltools / coreai-torch; "
+                                       "Core AI accuracy from its Linux runtime)")
+    return "\n" + table + ("\n" + skipped if skipped else "")
 
 
 def efficientnet_table(work: Path, images: str | Path | None = None, progress: bool = True,
@@ -127,6 +157,7 @@ def run_demo(images: str | Path | None = None, efficientnet: bool = True, progre
     with tempfile.TemporaryDirectory(prefix="qdq-demo-") as tmp:
         work = Path(tmp)
         print(digits_table(work, progress), flush=True)
+        print(apple_table(work), flush=True)
         if efficientnet:
             table = efficientnet_table(work, images, progress)
             if table is None:

@@ -10,10 +10,8 @@ on) and with ``bias_correction`` turned off; each finalized for onnxruntime, run
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,25 +20,17 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ptq_table import cpu_name  # scripts/ is on sys.path when run as a script
+from ptq_table import cpu_name, effnet_fp32_and_sample, emit, image_args  # scripts/ is on sys.path when run as a script
 
-from models import efficientnet as eff
 from qdq.demo import ptq_rows
 from qdq.presets import preset
-from qdq.torch_export import export
 
 PRESETS = ("int8", "int8-global-minmax", "w8", "w4")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--images", default=None, help="ImageNet sample folder (default ../shared/data/imagenet-sample)")
-    parser.add_argument("--out", default=None, help="also write the markdown table here")
-    args = parser.parse_args()
-    if args.images:
-        os.environ["QDQ_IMAGENET_SAMPLE"] = args.images
-    if eff.imagenet_sample_dir() is None:
-        print("ImageNet sample not found (../shared/data/imagenet-sample); nothing to do", file=sys.stderr)
+    args = image_args(__doc__)
+    if args is None:
         return 1
     configs = {}
     for name in PRESETS:
@@ -48,10 +38,7 @@ def main() -> int:
         configs[f"{name} on"] = preset(name)
     with tempfile.TemporaryDirectory(prefix="qdq-bc-") as tmp:
         work = Path(tmp)
-        model, example = eff.factory()
-        fp32 = export(model, example, work / "efficientnet_lite0.onnx")
-        calib_x, _ = eff.load_imagenet_sample("calib")
-        eval_x, eval_y = eff.load_imagenet_sample("eval")
+        _, _, fp32, calib_x, eval_x, eval_y = effnet_fp32_and_sample(work)
         rows = {r.name: r for r in ptq_rows(
             fp32, lambda: (calib_x[i:i + 32] for i in range(0, len(calib_x), 32)), eval_x, eval_y,
             configs=configs, out_dir=work, progress=False)}
@@ -66,10 +53,7 @@ def main() -> int:
         off, on = rows[f"{name} off"], rows[f"{name} on"]
         lines.append(f"| `{name}` | {off.top1:.2f} -> {on.top1:.2f} | {off.agreement:.2f} -> {on.agreement:.2f} | "
                      f"{off.sqnr_db:.1f} -> {on.sqnr_db:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit("\n".join(lines), args.out)
     return 0
 
 

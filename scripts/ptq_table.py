@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -46,6 +47,38 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def image_args(doc: str | None) -> argparse.Namespace | None:
+    """``--images DIR`` / ``--out FILE`` of the EfficientNet scripts; None (after a message) when the sample is absent."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--images", default=None, help="ImageNet sample folder (default ../shared/data/imagenet-sample)")
+    parser.add_argument("--out", default=None, help="also write the markdown here")
+    args = parser.parse_args()
+    if args.images:
+        import os
+
+        os.environ["QDQ_IMAGENET_SAMPLE"] = args.images
+    if eff.imagenet_sample_dir() is None:
+        print("ImageNet sample not found (../shared/data/imagenet-sample); nothing to do", file=sys.stderr)
+        return None
+    return args
+
+
+def effnet_fp32_and_sample(work: Path) -> tuple[Any, Any, Path, np.ndarray, np.ndarray, np.ndarray]:
+    """(torch model, example, exported FP32 ONNX, calibration images, evaluation images, evaluation labels)."""
+    model, example = eff.factory()
+    fp32 = export(model, example, work / "efficientnet_lite0.onnx")
+    calib_x, _ = eff.load_imagenet_sample("calib")
+    eval_x, eval_y = eff.load_imagenet_sample("eval")
+    return model, example, fp32, calib_x, eval_x, eval_y
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print ``text`` and also write it to ``out`` when given."""
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def _session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
@@ -70,23 +103,12 @@ def speedups(fp32: Path, others: list[Path], x: np.ndarray, repeats: int = 7) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", default=None, help="ImageNet sample folder (default ../shared/data/imagenet-sample)")
-    parser.add_argument("--out", default=None, help="also write the markdown table here")
-    args = parser.parse_args()
-    if args.images:
-        import os
-
-        os.environ["QDQ_IMAGENET_SAMPLE"] = args.images
-    if eff.imagenet_sample_dir() is None:
-        print("ImageNet sample not found (../shared/data/imagenet-sample); nothing to do", file=sys.stderr)
+    args = image_args(__doc__)
+    if args is None:
         return 1
     with tempfile.TemporaryDirectory(prefix="qdq-ptq-") as tmp:
         work = Path(tmp)
-        model, example = eff.factory()
-        fp32 = export(model, example, work / "efficientnet_lite0.onnx")
-        calib_x, _ = eff.load_imagenet_sample("calib")
-        eval_x, eval_y = eff.load_imagenet_sample("eval")
+        _, _, fp32, calib_x, eval_x, eval_y = effnet_fp32_and_sample(work)
         rows = ptq_rows(fp32, lambda: (calib_x[i:i + 32] for i in range(0, len(calib_x), 32)), eval_x, eval_y,
                         configs=CONFIGS, out_dir=work, progress=False)
         paths = sorted(work.glob("*-*.onnx"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
@@ -103,10 +125,7 @@ def main() -> int:
     for r, s, f in zip(rows[1:], speed, floats):
         lines.append(f"| {r.name} | {r.top1:.2f} | {r.agreement:.2f} | {r.sqnr_db:.1f} | {r.size_mb:.1f} | "
                      f"{r.seconds:.1f} | {s:.2f}x | {f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit("\n".join(lines), args.out)
     return 0
 
 

@@ -226,3 +226,25 @@ def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(BackendError, match=r"pip install 'qdq\[coreai\]'") as err:
         _extra.require("coreai_torch")
     assert "\n" not in str(err.value)
+
+
+def test_qat_export_reaches_the_lowering(digits_onnx: Path, digits_data, tmp_path: Path) -> None:
+    """QATQuantizer.export(backend="coreai") writes the same kind of .aimodel as Quantizer.finalize, and the
+    Core AI runtime on it gives the mirror's eval outputs."""
+    from qdq.qat import QATQuantizer
+
+    x_tr, _, x_te, _ = digits_data
+    qat = QATQuantizer(digits_onnx, "int8")
+    mirror = qat.prepare(x_tr[:64])
+    with pytest.raises(ConfigError, match=r"saved as \*\.aimodel"):
+        qat.export(tmp_path / "m.onnx", x_te[:4], backend="coreai")
+    out = qat.export(tmp_path / "m.aimodel", x_te[:4], backend="coreai", output_names=["logits"])
+    info = inspect(out)
+    assert info["outputs"] == ["logits"] and info["weight_dtypes"] == {"int8": 4} and info["activation_pairs"] > 0
+    mirror.eval()
+    with torch.no_grad():
+        want = mirror(torch.from_numpy(x_te[:32])).numpy()
+    with CoreAIRuntime(out) as rt:
+        got = rt.run(x_te[:32])[0]
+    step = float(np.max(qat.qparams["linear"].scale))
+    assert np.abs(got - want).max() <= 1.01 * step and np.mean(np.abs(got - want) <= 1e-4) >= 0.95

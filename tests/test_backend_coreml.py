@@ -64,3 +64,31 @@ def test_ios18_blockwise_constexpr_keeps_declared_bits(digits_onnx: Path, digits
     assert sorted(len(w["shape"]) for w in info["weights"]) == [2, 4, 4, 4]  # one rank-4 constexpr per Conv
     parity = code_parity(final.module, q.qdq_model(), x_te[:64])
     assert not unexplained(parity) and summarize(parity)[0] >= 0.999, summarize(parity)
+
+
+def test_w4_partial_blocks_are_reblocked_or_kept_at_int8(tmp_path: Path) -> None:
+    """ONNX allows a partial last block, Core ML does not: a 48-wide axis in blocks of 32 is re-blocked at 16
+    (still INT4), a 36-wide one (no block of 8+ divides it with 32) is kept at int8 per channel; both say why."""
+    from qdq.backends.whole_blocks import needs_whole_blocks
+    from qdq.torch_export import export
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 36), torch.nn.ReLU(), torch.nn.Linear(36, 8)).eval()
+    path = export(net, (torch.randn(2, 48),), tmp_path / "mlp.onnx")
+    x = torch.randn(64, 48).numpy()
+    q = Quantizer(path, "w4")
+    q.prepare(x[:8])
+    final = q.finalize("coreml", deployment_target="iOS18")
+    notes = {n.tensor: n for n in final.notes}
+    assert len(notes) == 2, final.notes
+    first, second = (notes[k] for k in sorted(notes))  # 0.weight, 2.weight
+    assert first.action.startswith("re-blocked at 16") and "not a multiple of block size 32" in first.reason
+    assert second.action == "kept at int8 per channel" and "36" in second.reason
+    info = inspect(qdq.save(final, tmp_path / "m.mlpackage"))
+    assert info["weight_dtypes"] == {"INT4": 1, "INT8": 1} and info["float_weights"] == []
+    parity = code_parity(final.module, final.onnx_model, x)
+    assert not unexplained(parity) and summarize(parity)[0] >= 0.999, summarize(parity)
+    # still close to the float network
+    got, want = final.run(x)[0], net(torch.from_numpy(x)).detach().numpy()
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+    assert needs_whole_blocks(48, 32) and not needs_whole_blocks(16, 32) and not needs_whole_blocks(64, 32)

@@ -101,8 +101,8 @@ def check_suffix(path: str | os.PathLike[str], backend: Any) -> None:
     if got == want:
         return
     other = next((b for b, s in SUFFIXES.items() if s == got), None)
-    hint = f" ({got} is the {other.value} format: pass --backend {other.value})" if other is not None else ""
-    raise ConfigError(f"-o {path}: a {backend.value} model is saved as *{want}{hint}; use -o model{want}")
+    hint = f" ({got} is the {other.value} format, backend {other.value!r})" if other is not None else ""
+    raise ConfigError(f"{path}: a {backend.value} model is saved as *{want}{hint}; name the output model{want}")
 
 
 def check_backend_plan(plan: QuantPlan, backend: Any, options: BackendOptions | None = None) -> None:

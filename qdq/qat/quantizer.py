@@ -301,20 +301,35 @@ class QATQuantizer:
         """The prepared QDQ model with the trained weights and qparams (a new ``onnx_ir.Model``)."""
         return self._require().to_onnx()
 
-    def export(self, path: str | Path, example_inputs: Any = None, *, backend: Any = None) -> Path:
-        """Write the QDQ ONNX model with the trained weights and qparams.
+    def export(self, path: str | Path, example_inputs: Any = None, *, backend: Any = None,
+               **backend_options: Any) -> Path:
+        """Write the QDQ ONNX model with the trained weights and qparams, or its Core ML / Core AI conversion.
 
-        Without ``backend`` the model is in the prepared format (``finalize_model`` accepts it);
-        with one it is finalized for that backend. With ``example_inputs`` the saved model is run
-        in onnxruntime against the mirror in eval mode and the largest output difference logged.
+        Without ``backend`` the model is in the prepared format (``finalize_model`` accepts it); with
+        ``onnxruntime`` it is finalized for it; with ``coreml`` / ``coreai`` it goes through the same
+        lowering as :meth:`Quantizer.finalize` (``backend_options``: ``deployment_target``,
+        ``compute_precision``, ``input_names``, ``output_names``) and ``path`` is a ``.mlpackage`` /
+        ``.aimodel``. With ``example_inputs`` the result is checked against the mirror in eval mode
+        (onnxruntime for ONNX, the lowered torch program for Core ML / Core AI) and the largest output
+        difference logged; the Apple backends also trace with them.
         """
-        model = self.qdq_model()
+        from qdq.backends.artifact import BackendArtifact, check_suffix, is_torch_backend
+
+        if backend is not None and is_torch_backend(backend):
+            check_suffix(path, backend)
+        model: Any = self.qdq_model()
         if backend is not None:
-            model = finalize_model(model, backend)
+            examples = None if example_inputs is None else [np.asarray(_as_tensor(a)) for a in _as_args(example_inputs)]
+            model = finalize_model(model, backend, example_inputs=examples, **backend_options)
+        elif backend_options:
+            raise ConfigError(f"{', '.join(sorted(backend_options))}: options of backend='coreml' / 'coreai'")
         out = save(model, path)
         if example_inputs is not None:
-            diff = self.compare_with_onnxruntime(model, example_inputs, level="none" if backend is None else "all")
-            logger.info("export check: max |onnxruntime - torch mirror| over outputs = %.3g", diff)
+            if isinstance(model, BackendArtifact):
+                diff = self._compare_outputs(model.run(*_as_args(example_inputs)), example_inputs)
+            else:
+                diff = self.compare_with_onnxruntime(model, example_inputs, level="none" if backend is None else "all")
+            logger.info("export check: max |exported - torch mirror| over outputs = %.3g", diff)
         return out
 
     def compare_with_onnxruntime(self, model: Any, example_inputs: Any, *, level: str = "none") -> float:
@@ -327,6 +342,12 @@ class QATQuantizer:
         args = _as_args(example_inputs)
         session = make_session(load_model(model), level=level)
         ort_out = session.run(None, as_feeds(args[0] if len(args) == 1 else args, m.input_names))
+        return self._compare_outputs(ort_out, example_inputs)
+
+    def _compare_outputs(self, outputs: list[Any], example_inputs: Any) -> float:
+        """Largest absolute difference between ``outputs`` and the mirror's eval-mode outputs."""
+        m = self._require()
+        args = tuple(_as_tensor(a) for a in _as_args(example_inputs))
         was = m.training
         m.eval()
         try:
@@ -336,4 +357,4 @@ class QATQuantizer:
             m.train(was)
         mine = [mine] if isinstance(mine, torch.Tensor) else list(mine)
         return max(float(np.max(np.abs(np.asarray(o, np.float32) - t.detach().cpu().numpy().astype(np.float32))))
-                   if np.size(o) else 0.0 for o, t in zip(ort_out, mine))
+                   if np.size(o) else 0.0 for o, t in zip(outputs, mine))

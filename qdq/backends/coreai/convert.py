@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 from qdq.backends.atomic_dir import write_dir_atomically
+from qdq.backends.chatter import quiet
 from qdq.backends.coreai._extra import require
 from qdq.backends.coreai.legalize import check_options
 from qdq.backends.lowering import BackendOptions, LoweredProgram
@@ -38,13 +36,10 @@ def convert(lowered: LoweredProgram, options: BackendOptions | None = None) -> A
     inputs = list(options.input_names or lowered.input_names)
     outputs = list(options.output_names or lowered.output_names)
     start = time.perf_counter()
-    quiet = logging.getLogger("coreai_torch")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "cannot infer nbits" for float8 data: its dtype is the bit width
-    chatter = io.StringIO()  # coreai-torch prints a banner and progress bars on stdout
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-            warnings.simplefilter("ignore")  # torch's pytree deprecations while copying the program
+        # "cannot infer nbits" for float8 data (its dtype is the bit width), a banner and bars on stdout,
+        # torch's pytree deprecations while copying the program
+        with quiet("coreai_torch", stdout=True, stderr=False):
             program = copy.deepcopy(lowered.program)
             converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
             result = converter.add_exported_program(program, input_names=inputs, output_names=outputs).to_coreai()
@@ -53,10 +48,6 @@ def convert(lowered: LoweredProgram, options: BackendOptions | None = None) -> A
     except Exception as exc:
         raise BackendError(f"coreai-torch could not convert the lowered program: {first_line(exc, with_type=True)}") \
             from exc
-    finally:
-        quiet.setLevel(level)
-        if chatter.getvalue().strip():
-            logger.debug("coreai-torch: %s", " | ".join(chatter.getvalue().split("\n")).strip())
     logger.info("coreai-torch conversion took %.1f s", time.perf_counter() - start)
     return result
 

@@ -4,19 +4,26 @@ Core AI (``coreai::quantize`` / ``dequantize`` / ``constexpr_blockwise_shift_sca
 uint4 and float8 weights, per tensor, per channel or per block, and 8-bit or float8 activations per tensor or per
 channel. Refused with one line naming the tensors: 16-bit anything, sub-byte activations (torch has no 4-bit
 activation tensor), per-block activations. The table is :data:`qdq.backends.capabilities.CAPABILITIES`; the ops
-pin every bit width (``input_dtype``), so nothing is guessed from value ranges.
+pin every bit width (``input_dtype``), so nothing is guessed from value ranges. Rewritten (with a note): a
+blocked weight whose axis is not a multiple of the block (``coreai.blockwise_shift_scale`` needs whole blocks;
+ONNX allows a partial last one), see :func:`qdq.backends.whole_blocks.whole_blocks`.
 """
 
 from __future__ import annotations
+
+import logging
 
 import onnx_ir as ir
 
 from qdq.backends.capabilities import ExportBackend, check_capabilities, check_plan
 from qdq.backends.lowering import BackendOptions, LegalizationNote
+from qdq.backends.whole_blocks import whole_blocks
 from qdq.errors import BackendError
 from qdq.plan import QuantPlan
 
 __all__ = ["check_options", "legalize", "legalize_plan"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_options(options: BackendOptions) -> None:
@@ -33,7 +40,10 @@ def legalize_plan(plan: QuantPlan, options: BackendOptions | None = None) -> Non
 
 
 def legalize(model: ir.Model, options: BackendOptions | None = None) -> list[LegalizationNote]:
-    """Check a prepared QDQ model for Core AI (nothing is rewritten: every planned spec converts as is)."""
+    """Check a prepared QDQ model for Core AI and rewrite (in place) blocked weights into whole blocks."""
     check_options(options or BackendOptions())
     check_capabilities(model, ExportBackend.CoreAI)
-    return []
+    notes = whole_blocks(model, "Core AI")
+    for note in notes:
+        logger.info("coreai legalization: %s", note)
+    return notes

@@ -9,17 +9,29 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
+from qdq.backends.chatter import quiet_native
 from qdq.backends.coreai._extra import require
 from qdq.errors import BackendError, DataError, first_line
 
 __all__ = ["CoreAIRuntime", "run"]
+
+_LIVE: weakref.WeakSet[CoreAIRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live() -> None:
+    for rt in list(_LIVE):
+        rt.close()
 
 
 class CoreAIRuntime:
@@ -33,21 +45,30 @@ class CoreAIRuntime:
         self._fn: Any = None
         authoring = require("coreai.authoring")
         self._ndarray = require("coreai.runtime").NDArray
+        self._authoring = authoring
+        self._asset: Any = None
+        asset = self._load()
+        summary = asset.summary()
+        self.input_names = [n for n, _ in summary.function_inputs(function)]
+        self.output_names = [n for n, _ in summary.function_outputs(function)]
+        del summary, asset  # an asset still alive at interpreter exit can abort the process (coreai-core 1.0.0b3)
+
+    def _load(self) -> Any:
         try:
-            self._asset = authoring.AIModelAsset.load(self.path)
-            summary = self._asset.summary()
-            self.input_names = [n for n, _ in summary.function_inputs(function)]
-            self.output_names = [n for n, _ in summary.function_outputs(function)]
+            return self._authoring.AIModelAsset.load(self.path)
         except Exception as exc:
             raise BackendError(f"cannot load the Core AI asset {self.path}: {first_line(exc, with_type=True)}") \
                 from exc
 
     def __enter__(self) -> Self:
+        self._asset = self._load()
+        _LIVE.add(self)
         self._loop = asyncio.new_event_loop()
         self._context = self._asset.executable()
         try:
-            model = self._loop.run_until_complete(self._context.__aenter__())
-            self._fn = model.load_function(self.function)
+            with quiet_native():  # "ODIE [default]: Loading function 'main'" on stderr
+                model = self._loop.run_until_complete(self._context.__aenter__())
+                self._fn = model.load_function(self.function)
         except Exception as exc:
             self.close()
             raise BackendError(f"the Core AI runtime cannot load {self.path}: {first_line(exc, with_type=True)}") \
@@ -58,14 +79,18 @@ class CoreAIRuntime:
         self.close()
 
     def close(self) -> None:
+        """Unload the model and release the asset (also done at interpreter exit for runtimes left open)."""
+        _LIVE.discard(self)
         if self._loop is None:
+            self._asset = None
             return
         try:
             if self._context is not None:
                 self._loop.run_until_complete(self._context.__aexit__(None, None, None))
         finally:
             self._loop.close()
-            self._loop = self._context = self._fn = None
+            self._loop = self._context = self._fn = self._asset = None
+            gc.collect()
 
     def run(self, feeds: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> list[np.ndarray]:
         """Outputs (in the asset's order) for one batch: a dict by input name, a sequence, or one array."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qdq.backends.atomic_dir import write_dir_atomically
+from qdq.backends.chatter import quiet
 from qdq.backends.lowering import BackendOptions, LoweredProgram
 from qdq.errors import BackendError
 
@@ -29,7 +30,8 @@ _PRECISIONS = ("float32", "float16")
 def coremltools() -> Any:
     """``import coremltools`` with the one-line install hint when it is missing."""
     try:
-        import coremltools as ct
+        with quiet("coremltools", "torchao", "torch.utils._pytree"):  # coremltools imports torchao when present
+            import coremltools as ct
     except ImportError as exc:
         raise BackendError("the coreml backend needs coremltools: pip install 'qdq[coreml]'") from exc
     return ct
@@ -86,12 +88,13 @@ def convert(lowered: LoweredProgram, options: BackendOptions | None = None) -> A
     precision = ct.precision.FLOAT32 if options.compute_precision == "float32" else ct.precision.FLOAT16
     start = time.perf_counter()
     try:
-        mlmodel = ct.convert(
-            lowered.program, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target,
-                                                                                         options.deployment_target),
-            compute_precision=precision, pass_pipeline=pipeline, skip_model_load=sys.platform != "darwin",
-            **kwargs,
-        )
+        with quiet("coremltools"):
+            mlmodel = ct.convert(
+                lowered.program, convert_to="mlprogram",
+                minimum_deployment_target=getattr(ct.target, options.deployment_target),
+                compute_precision=precision, pass_pipeline=pipeline, skip_model_load=sys.platform != "darwin",
+                **kwargs,
+            )
     except (ValueError, NotImplementedError, RuntimeError, KeyError, TypeError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"coremltools could not convert the lowered program: {first}") from exc

@@ -20,6 +20,7 @@ __all__ = ["inspect"]
 _WEIGHT_INPUTS = {"conv": ("weight",), "conv_transpose": ("weight",), "linear": ("weight",), "matmul": ("x", "y")}
 _DATA_KEYS = ("data", "quantized_data")
 _FLOAT = ("FLOAT16", "FLOAT32", "FLOAT64", "BFLOAT16")
+_DATA_MOVEMENT = ("reshape", "transpose", "pad")  # between a dequantize and the op reading it
 
 
 def _ops(block: Any) -> Any:
@@ -53,7 +54,9 @@ def _inline_value(op: Any, key: str) -> Any:
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Summary of a ``.mlpackage``: ``ops`` (type -> count), ``weights`` (one entry per conv/linear/matmul
     constant operand: source op, dtype, shape), ``weight_dtypes`` (dtype -> count of constexpr weights),
-    ``float_weights`` (weights read from a float ``const``: a float copy), ``size_bytes``.
+    ``float_weights`` (weights read from a float ``const``: a float copy), ``dequantized_inputs`` /
+    ``float_inputs`` (conv / linear activation inputs read from a ``dequantize``, through reshape / transpose / pad, or not),
+    ``size_bytes``.
     """
     ct = coremltools()
     from coremltools.proto import MIL_pb2
@@ -64,6 +67,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     ops: collections.Counter[str] = collections.Counter()
     producers: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # var -> (op type, dtype, shape)
     consumers: list[tuple[Any, str]] = []
+    op_of: dict[str, Any] = {}  # var -> the op producing it
     for func in spec.mlProgram.functions.values():
         for block in func.block_specializations.values():
             for op in _ops(block):
@@ -80,6 +84,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 elif op.type == "const" and "val" in op.attributes:
                     info = _tensor_type(op.attributes["val"].type, dt_name)
                 for out in op.outputs:
+                    op_of[out.name] = op
                     if info is not None:
                         producers[out.name] = (op.type, info[0], info[1])
                 if op.type in _WEIGHT_INPUTS:
@@ -92,6 +97,18 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 continue  # a runtime tensor (activation)
             src_type, dtype, shape = producers[src]
             weights.append({"consumer": kind, "var": src, "source": src_type, "dtype": dtype, "shape": shape})
+    # activation inputs of conv / linear: read from a dequantize (through reshape/transpose/pad) or float
+    dequantized = float_inputs = 0
+    for op, kind in consumers:
+        if kind == "matmul":
+            continue
+        src = _arg_name(op, "x")
+        while src is not None and src in op_of and op_of[src].type in _DATA_MOVEMENT:
+            src = _arg_name(op_of[src], "x")
+        if src is not None and src in op_of and op_of[src].type == "dequantize":
+            dequantized += 1
+        else:
+            float_inputs += 1
     weight_dtypes = collections.Counter(w["dtype"] for w in weights if w["source"].startswith("constexpr_"))
     float_weights = [w for w in weights if w["source"] == "const" and w["dtype"] in _FLOAT and len(w["shape"]) >= 2]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
@@ -100,5 +117,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
         "weights": weights,
         "weight_dtypes": dict(weight_dtypes),
         "float_weights": float_weights,
+        "dequantized_inputs": dequantized,
+        "float_inputs": float_inputs,
         "size_bytes": size,
     }

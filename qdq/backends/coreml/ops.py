@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed
 
+from qdq.backends.chatter import quiet
 from qdq.backends.lowering import BackendOps, SiteInfo
 from qdq.dtypes import QDType
 from qdq.errors import BackendError
@@ -38,7 +39,8 @@ _INT4 = (QDType.INT4, QDType.UINT4)
 
 def _torchao_dequantize_affine() -> Any:
     try:
-        import torchao  # noqa: F401  (registers torch.ops.torchao.dequantize_affine)
+        with quiet("torchao", "torch.utils._pytree"):  # CUDA kernels it cannot load here
+            import torchao  # noqa: F401  (registers torch.ops.torchao.dequantize_affine)
     except ImportError as exc:
         raise BackendError(
             "int4 per-block weights for coreml need torchao: pip install 'qdq[coreml]'") from exc
