@@ -57,8 +57,9 @@ def test_int64_index_math_is_never_quantized(attention_onnx) -> None:
 def test_attention_matmul_weights_and_shared_inputs(attention_onnx) -> None:
     plan = _plan(attention_onnx)
     t = plan.targets
-    # x feeds three projections and the residual Add: one pair for all of them.
-    assert sorted(n for n, _ in t["x"].uses) == ["node_MatMul_1", "node_MatMul_3", "node_MatMul_5", "node_add_36"]
+    # x feeds three projections (one pair for all of them) and the residual Add before LayerNorm, which
+    # computes in float (a float island: nothing after it reads integers), so it reads x unquantized.
+    assert sorted(n for n, _ in t["x"].uses) == ["node_MatMul_1", "node_MatMul_3", "node_MatMul_5"]
     weights = [v for v in t.values() if v.kind == "weight"]
     assert len(weights) == 4 and all(w.layout.axis == 1 for w in weights)  # MatMul B is [in, out]
     assert t["transpose"].shared_with == "linear_1"
@@ -113,3 +114,30 @@ def test_same_dtype_consumer_reuses_producer_pair(digits_onnx) -> None:
     t = _plan(digits_onnx).targets
     assert [v.key for v in t.values() if v.tensor == "relu"] == ["relu"]
     assert len(t["relu"].ops) >= 2  # the producer and its consumers share one pair
+
+
+def test_transformer_ffn_residual_stays_float_cnn_residual_does_not(digits_onnx) -> None:
+    """A residual Add feeding LayerNorm is a float island: its inputs (the FFN output, with a transformer's outlier
+    channels) get no pair, nor does the FFN's second MatMul output (onnxruntime still runs that MatMul on integers:
+    MatMulIntegerToFloat). A CNN's residual Add, read by a Conv, keeps its pairs (QLinearAdd)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 16)), ("w2", (16, 8)), ("b2", (8,)), ("g", (8,)), ("beta", (8,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Gelu", ["h"], ["a"], domain=""),
+             helper.make_node("MatMul", ["a", "w2"], ["f"]), helper.make_node("Add", ["f", "b2"], ["fb"]),
+             helper.make_node("Add", ["fb", "x"], ["r"]),
+             helper.make_node("LayerNormalization", ["r", "g", "beta"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4, 8])], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    quantized = {t.tensor for t in annotate(model, QuantizerConfig()).targets.values()}
+    assert {"x", "a", "w1", "w2"} <= quantized  # MatMul inputs (Gelu's output after the fused MatMul) and weights
+    assert not quantized & {"h", "f", "fb", "r", "y", "b2"}
+    cnn = _plan(digits_onnx).targets.values()
+    residual = next(n for n in ir.load(digits_onnx).graph if n.op_type == "Add")
+    assert all(v.name in {t.tensor for t in cnn} for v in residual.inputs)
+    assert any(t.uses is None and residual.name in t.ops for t in cnn)  # its (Relu-fused) output pair

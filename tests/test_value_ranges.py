@@ -88,7 +88,8 @@ def test_mask_arithmetic_is_detected_and_real_activations_are_not() -> None:
     plan = annotate(model, preset("int8"))
     quantized = {t.tensor for t in plan.targets.values()}
     assert not quantized & {"maskf", "mask4", "inv", "bias", "neg", "one", "masked"}
-    assert {"x", "scores", "pooled_in"} <= quantized  # the real activations still are
+    assert {"x", "pooled_in"} <= quantized  # the real activations still are
+    assert "scores" not in quantized  # only the mask Add (float) and Softmax read it: no pair buys an integer kernel
     probs = [t for t in plan.targets.values() if t.tensor == "probs"]
     assert not probs  # Softmax output feeds nothing quantized here
 
