@@ -100,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path, written atomically: .onnx (onnxruntime), .mlpackage (coreml), .aimodel (coreai)")
     _add_data_args(q, "--calib-data", required=False)
     group = q.add_mutually_exclusive_group()
-    group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, int8-asymmetric, fp8, w8, w4")
+    group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, int8-asymmetric, int8-smoothquant, fp8, w8, w4")
     group.add_argument("--config", default=None, help="YAML QuantizerConfig (coreai_opt semantics)")
     q.add_argument("--calibrator", default=None,
                    help="override every activation calculator (e.g. percentile, entropy, mse); keeps all else")
+    q.add_argument("--algorithm", action="append", default=None, metavar="NAME[:key=value,...]",
+                   help="run an algorithm pass on the calibration data before QDQ insertion (repeatable), "
+                        "e.g. smoothquant:alpha=0.7; added after the config's own")
     q.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), coreml or coreai")
     apple = q.add_argument_group("Core ML / Core AI conversion")
     apple.add_argument("--deployment-target", default=None,
@@ -157,7 +160,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     quantize(args.model, _config(args), args.calib_data, backend=args.backend, batch_size=args.batch_size,
              num_samples=args.num_samples, calibrator=args.calibrator, output=out, progress=not args.quiet,
              image_size=args.image_size, mean=args.mean, std=args.std, deployment_target=args.deployment_target,
-             compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names)
+             compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names,
+             algorithms=args.algorithm)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
         print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend})")

@@ -194,6 +194,9 @@ class QuantizerConfig:
         bias_correction: after calibration, shift the float bias of each Conv/Gemm with a
             quantized weight by ``(W - Wq) · E[x]`` (empirical bias correction, Nagel et al. 2019),
             so weight rounding does not bias the layer's mean output. Needs calibration data.
+        algorithms: algorithm passes run on the float model before QDQ insertion, in order, each
+            ``{"name": ..., **options}`` (or ``"name"``), e.g. ``[{"name": "smoothquant", "alpha": 0.7}]``
+            (see :mod:`qdq.algorithms`). Need calibration data.
     """
 
     global_config: Any = _UNSET
@@ -201,6 +204,7 @@ class QuantizerConfig:
     op_name_configs: Any = None
     qat_schedule: Any = None
     bias_correction: bool = False
+    algorithms: Any = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -229,10 +233,11 @@ class QuantizerConfig:
         set_(self, "qat_schedule", _parse_qat_schedule(self.qat_schedule))
         if not isinstance(self.bias_correction, bool):
             raise ConfigError(f"bias_correction must be true or false, got {show(self.bias_correction)}")
+        set_(self, "algorithms", _parse_algorithms(self.algorithms))
 
     # ------------------------------------------------------------------ (de)serialisation
     _KEYS: ClassVar[tuple[str, ...]] = (
-        "global_config", "op_type_configs", "op_name_configs", "qat_schedule", "bias_correction")
+        "global_config", "op_type_configs", "op_name_configs", "qat_schedule", "bias_correction", "algorithms")
     _TORCH_ONLY: ClassVar[dict[str, str]] = {"module_type_configs": "op_type_configs", "module_name_configs": "op_name_configs"}
 
     @classmethod
@@ -318,11 +323,26 @@ class QuantizerConfig:
             out["qat_schedule"] = dict(self.qat_schedule)
         if self.bias_correction:
             out["bias_correction"] = True
+        if self.algorithms:
+            out["algorithms"] = [dict(a) for a in self.algorithms]
         return out
 
     def to_yaml(self) -> str:
         """YAML text that :meth:`from_yaml` reads back to an equal config."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _parse_algorithms(value: Any) -> tuple[dict[str, Any], ...]:
+    """Each entry checked now (known name, valid options) and normalized to ``{"name", **all options}``."""
+    from qdq.algorithms import build_algorithm
+
+    if value is None:
+        return ()
+    if isinstance(value, (str, Mapping)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"algorithms must be a list of {{name: ..., options}} mappings, got {show(value)}")
+    return tuple(build_algorithm(v).to_dict() for v in value)
 
 
 def _parse_qat_schedule(value: Any) -> dict[str, Any] | None:

@@ -64,7 +64,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
              image_size: int | Sequence[int] | None = None, mean: Sequence[float] | float | None = None,
              std: Sequence[float] | float | None = None, deployment_target: str | None = None,
              compute_precision: str | None = None, input_names: Sequence[str] | str | None = None,
-             output_names: Sequence[str] | str | None = None) -> Any:
+             output_names: Sequence[str] | str | None = None, algorithms: Sequence[Any] | None = None) -> Any:
     """Quantize ``model`` (path / ModelProto / onnx_ir.Model) and finalize it for ``backend``.
 
     ``config``: QuantizerConfig, mapping, YAML path or preset name (default ``int8``).
@@ -75,11 +75,16 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     ``output``: also save the result there (atomically; checked writable before any work): ``.onnx`` for
     onnxruntime, ``.mlpackage`` for Core ML, ``.aimodel`` for Core AI. ``deployment_target``,
     ``compute_precision``, ``input_names``, ``output_names``: Core ML / Core AI conversion options (see
-    :func:`qdq.backends.artifact.backend_options`). Returns an ``onnx_ir.Model`` for onnxruntime and a
+    :func:`qdq.backends.artifact.backend_options`). ``algorithms``: appended to the config's (e.g.
+    ``["smoothquant:alpha=0.7"]``; run on the calibration data before QDQ insertion). Returns an ``onnx_ir.Model`` for onnxruntime and a
     :class:`~qdq.backends.artifact.BackendArtifact` for Core ML / Core AI.
     """
     check_options(batch_size=batch_size, num_samples=num_samples, image_size=image_size, mean=mean, std=std)
     cfg = as_config("int8" if config is None else config)
+    if algorithms:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, algorithms=[*cfg.algorithms, *algorithms])
     if calibrator:
         from qdq.config_edit import with_activation_calculator
 
@@ -105,6 +110,19 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         require_converter(backend)  # the converter's extra is installed (one line naming it if not)
     batches: Any = None
     total: int | None = None
+    if quantizer.pending_algorithms:
+        if calibration_data is None:
+            raise ConfigError(f"algorithm(s) {quantizer.pending_algorithms} need calibration data: pass --calib-data "
+                              "PATH (or calibration_data=...), or drop them from the config")
+        if not isinstance(calibration_data, (str, bytes)) and not hasattr(calibration_data, "__fspath__") \
+                and iter(calibration_data) is calibration_data:
+            calibration_data = list(calibration_data)  # a one-shot iterator: the algorithms and calibration both read it
+
+        def stream() -> Any:
+            return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std)[0]
+
+        for note in quantizer.apply_algorithms(stream):
+            logger.info("%s", note)
     if quantizer.needs_data:
         if calibration_data is not None:
             batches, total = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std)

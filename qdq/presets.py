@@ -5,6 +5,7 @@
 | `int8` (default)     | int8 per-channel symmetric, `static`      | int8 per-tensor, `moving_average`     |
 | `int8-global-minmax` | int8 per-channel symmetric, `static`      | int8 per-tensor, `global_minmax`      |
 | `int8-asymmetric`    | int8 per-channel symmetric, `static`      | int8 per-tensor asymmetric, `global_minmax` (onnxruntime's U8S8 grid) |
+| `int8-smoothquant`   | as `int8`, after SmoothQuant (alpha 0.7) on LayerNorm-fed MatMul/Gemm | as `int8` (transformers) |
 | `fp8`                | float8_e4m3fn per-channel, `static`       | float8_e4m3fn per-tensor, `global_minmax` |
 | `w8`                 | int8 per-channel symmetric, `static`      | float (weight-only)                   |
 | `w4`                 | int4 per-block (block 32), `static`       | float (weight-only)                   |
@@ -48,6 +49,8 @@ PRESETS: dict[str, Callable[[], QuantizerConfig]] = {
     "int8": QuantizerConfig,  # the seed's default
     "int8-global-minmax": lambda: _w8a8("global_minmax"),
     "int8-asymmetric": lambda: _w8a8("global_minmax", "asymmetric"),
+    # transformers: LayerNorm-output outliers moved into the weights before int8 (SmoothQuant, alpha 0.7)
+    "int8-smoothquant": lambda: dataclasses.replace(QuantizerConfig(), algorithms=[{"name": "smoothquant"}]),
     "fp8": _fp8,
     "w8": lambda: _weight_only(QuantizationSpec(dtype="int8", granularity=PerChannelGranularity())),
     "w4": lambda: _weight_only(QuantizationSpec(dtype="int4", granularity=PerBlockGranularity(block_size=32))),

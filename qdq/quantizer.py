@@ -125,7 +125,49 @@ class Quantizer:
         self._session: Any = None
         self._example_feeds: dict[str, np.ndarray] | None = None  # a slice of the first batch, to trace with
         self.prepared: PreparedModel | None = None
+        self.algorithm_notes: list[str] = []
+        self._pending_algorithms = list(self.config.algorithms)
         logger.info("plan: %s", self.plan.summary())
+
+    # ------------------------------------------------------------------ algorithms
+    @property
+    def pending_algorithms(self) -> list[str]:
+        """Names of the config's algorithms not applied yet (:meth:`apply_algorithms` runs them)."""
+        return [a["name"] for a in self._pending_algorithms]
+
+    def apply_algorithms(self, batches: Any) -> list[str]:
+        """Run the config's algorithms on the float model with ``batches`` (calibration data: a list of
+        batches, or a callable returning a fresh iterator of them), then re-plan. Call before :meth:`prepare`;
+        :func:`qdq.quantize` and the CLI do. Returns the algorithms' notes."""
+        from qdq.algorithms import build_algorithm
+        from qdq.calibration.runner import as_feeds
+
+        if self.prepared is not None:
+            raise ConfigError("apply_algorithms() edits the float model: call it before prepare()")
+        if not self._pending_algorithms:
+            return []
+        if not callable(batches):
+            if iter(batches) is batches:  # a one-shot iterator: each algorithm streams the data again
+                batches = list(batches)
+            data = batches
+            batches = lambda: iter(data)
+        names = self.input_names
+
+        def feeds() -> Any:
+            for batch in batches():
+                yield as_feeds(batch, names)
+
+        model = self.float_model.clone()
+        notes: list[str] = []
+        for spec in self._pending_algorithms:
+            notes += build_algorithm(spec).apply(model, feeds)
+        self.float_model, self.plan = _upgraded_and_planned(model, self.config)
+        self._bias_sites = bias_correction_sites(self.float_model, self.plan) if self.config.bias_correction else {}
+        self._pending_algorithms = []
+        self._qdq_cache = self._session = None
+        self.algorithm_notes += notes
+        logger.info("re-planned after %s: %s", ", ".join(n.split(":")[0] for n in notes), self.plan.summary())
+        return notes
 
     # ------------------------------------------------------------------ info
     @property
@@ -165,6 +207,9 @@ class Quantizer:
         Seeded ranges make the prepared model runnable at once; the first calibration batch
         discards them, so calibration results do not depend on the example.
         """
+        if self._pending_algorithms:
+            raise ConfigError(f"the config runs algorithm(s) {self.pending_algorithms} on calibration data: call "
+                              "quantizer.apply_algorithms(calibration_batches) before prepare()")
         for key, t in self.plan.targets.items():
             if t.shared_with is not None:
                 continue

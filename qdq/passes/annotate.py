@@ -221,6 +221,8 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
     configs: dict[int, ModuleQuantizerConfig | None] = {}
     for node in graph:
         cfg, explicit = resolver.resolve(node)
+        if node.metadata_props.get("qdq.keep_float"):
+            cfg = None  # inserted by an algorithm (a SmoothQuant Mul): computed in float, never quantized
         supported = node.op_type in OP_TABLE or node.op_type in PASSTHROUGH_OPS or node.op_type in ACTIVATION_OPS
         if explicit and cfg is not None and not supported and node.name in resolver.by_name:
             raise ConfigError(

@@ -1,0 +1,102 @@
+"""Algorithm passes: registered, configurable units that edit the float model from calibration statistics.
+
+An algorithm runs between planning and QDQ insertion (the config's ``algorithms`` list, in order; YAML
+``algorithms: [{name: smoothquant, alpha: 0.7}]``; CLI ``--algorithm smoothquant:alpha=0.7``). It gets the float
+model and a way to stream calibration batches through it, edits the model (weights, inserted ops) and returns
+notes; the quantizer then re-plans on the edited model. Register your own with :func:`register_algorithm`.
+
+| name          | what it does                                                                       |
+|---------------|------------------------------------------------------------------------------------|
+| `smoothquant` | moves activation outliers into the weights of the MatMul/Gemm reading them (Xiao et al. 2023) |
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from qdq.errors import ConfigError
+
+__all__ = ["ALGORITHMS", "Algorithm", "build_algorithm", "parse_algorithm", "register_algorithm"]
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+class Algorithm:
+    """Base class: ``OPTIONS`` maps option name -> (type, default); ``apply`` edits the model in place."""
+
+    name: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, tuple[type, Any]]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ConfigError(f"algorithm {self.name!r}: unknown option(s) {unknown}; "
+                              f"valid: {sorted(self.OPTIONS) or 'none'}")
+        self.options: dict[str, Any] = {}
+        for key, (kind, default) in self.OPTIONS.items():
+            value = options.get(key, default)
+            try:
+                value = kind(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"algorithm {self.name!r}: option {key} must be {kind.__name__}, "
+                                  f"got {value!r}") from exc
+            self.options[key] = value
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for option values out of range."""
+
+    def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]]) -> list[str]:
+        """Edit ``model`` (a float model) in place; ``batches()`` streams calibration feeds. Returns notes."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: make an :class:`Algorithm` available by ``name`` in configs and on the CLI."""
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+    return deco
+
+
+def build_algorithm(spec: Any) -> Algorithm:
+    """An :class:`Algorithm` from ``{"name": ..., **options}``, ``"name"``, ``"name:k=v,..."`` or an instance."""
+    _load_builtins()
+    if isinstance(spec, Algorithm):
+        return spec
+    if isinstance(spec, str):
+        return parse_algorithm(spec)
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"an algorithm is a mapping with a 'name' (e.g. {{name: smoothquant, alpha: 0.7}}), "
+                          f"got {spec!r}")
+    name = spec["name"]
+    cls = ALGORITHMS.get(name)
+    if cls is None:
+        close = difflib.get_close_matches(str(name), list(ALGORITHMS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown algorithm {name!r}{hint}; known: {sorted(ALGORITHMS)}")
+    return cls(**{k: v for k, v in spec.items() if k != "name"})
+
+
+def parse_algorithm(text: str) -> Algorithm:
+    """``"smoothquant"`` or ``"smoothquant:alpha=0.7,targets=all"`` (the CLI's ``--algorithm``)."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--algorithm {text!r}: options are key=value, got {item!r}")
+        options[key.strip()] = value.strip()
+    return build_algorithm({"name": name.strip(), **options})
+
+
+def _load_builtins() -> None:
+    from qdq.algorithms import smoothquant  # noqa: F401  (registers itself)
