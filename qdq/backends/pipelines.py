@@ -8,6 +8,7 @@ onnxruntime (CPU, ``ORT_ENABLE_ALL``), in order:
    kernels fuse; no dequantized value changes.
 3. :class:`FoldWeightsPass` - weights stored as quantized initializers -> DequantizeLinear.
 4. :class:`QuantizeBiasPass` - constant bias of 8-bit Conv / Gemm -> int32 -> DequantizeLinear.
+   :class:`GatherThenDequantizePass` - embedding tables stay integer: rows gathered, then dequantized.
 5. :class:`FoldActivationClipPass` - Relu / Clip before a Q dropped or moved onto the integers,
    so Conv meets its Q (exact).
 6. :class:`StripMetadataPass` - qdq metadata kept on activation Q nodes only; exporter debug info dropped.
@@ -30,6 +31,7 @@ from qdq.passes.activations_to_uint8 import ActivationsToUint8Pass
 from qdq.passes.fold_activation_clip import FoldActivationClipPass
 from qdq.passes.fold_weights import FoldWeightsPass
 from qdq.passes.fp8_activations_as_casts import Fp8ActivationsAsCastsPass
+from qdq.passes.gather_then_dequantize import GatherThenDequantizePass
 from qdq.passes.quantize_bias import QuantizeBiasPass
 from qdq.passes.strip_metadata import StripMetadataPass
 
@@ -46,6 +48,7 @@ def finalize_passes(backend: ExportBackend) -> list[ir.passes.InPlacePass]:
             ActivationsToUint8Pass(),
             FoldWeightsPass(),
             QuantizeBiasPass(),
+            GatherThenDequantizePass(),
             FoldActivationClipPass(),
             StripMetadataPass(),
         ]

@@ -20,6 +20,10 @@ Rules, in one place:
 - One pair per tensor and spec. When a producer quantizes its output, every consumer reads that
   pair; a consumer whose input spec asks for the same dtype reuses it (the producer's spec wins),
   one asking for another dtype gets its own pair on the float tensor.
+- Embedding tables (Gather of rows of a constant 2-D float table) are weights: the op state spec
+  ``weight`` quantizes them per row (axis 0), at 8 bits (a 4-bit, float8 or blocked weight spec gives
+  int8 per row: ONNX Gather reads 8-bit tables only); the looked-up rows stay float (a transformer adds
+  position embeddings and normalizes them next).
 - Pass-through ops (Reshape, Transpose, MaxPool, ...) whose input is quantized give their
   outputs a pair that shares the input's qparams: no re-quantization.
 """
@@ -157,9 +161,12 @@ class _PlanBuilder:
         return resolve_layout(spec.granularity, rank, what=f"activation '{value.name}'")
 
     def state(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec, kind: TargetKind,
-              port: str | None = None) -> None:
-        info = OP_TABLE[node.op_type]
-        ch, bl = info.weight_axes(node) if kind == "weight" else ((0, 0) if port == "bias" else (None, None))
+              port: str | None = None, axes: tuple[int | None, int | None] | None = None) -> None:
+        if axes is not None:
+            ch, bl = axes
+        else:
+            info = OP_TABLE[node.op_type]
+            ch, bl = info.weight_axes(node) if kind == "weight" else ((0, 0) if port == "bias" else (None, None))
         rank = len(value.const_value.shape)  # type: ignore[union-attr]
         layout = resolve_layout(spec.granularity, rank, channel_axis=ch, block_axis=bl,
                                 what=f"{kind} '{value.name}' of node '{node.name}'")
@@ -257,6 +264,11 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
         cfg = configs[id(node)]
         if cfg is None or id(node) in absorbed or id(node) in float_islands:
             continue
+        if _is_embedding_lookup(node):
+            spec = cfg.spec_for("state", "weight", 0)
+            if spec is not None:  # the table is a weight, stored 8-bit per row (ONNX Gather has no 4-bit type)
+                builder.state(node, node.inputs[0], _table_spec(spec), "weight", "weight", axes=(0, 1))  # type: ignore[arg-type]
+            continue
         if node.op_type in PASSTHROUGH_OPS:
             builder.passthrough(node)
             continue
@@ -335,6 +347,28 @@ def _float_islands(graph: ir.Graph, configs: dict[int, ModuleQuantizerConfig | N
         if _only_float_consumers(out, configs, islands):
             islands.add(id(node))
     return islands
+
+
+def _table_spec(spec: QuantizationSpec) -> QuantizationSpec:
+    """An embedding table's spec: the weight spec when it is 8-bit integer per tensor / per row, else int8 per row
+    (symmetric): Gather reads 8-bit tables only, and only whole rows are gathered."""
+    from qdq.dtypes import QDType
+    from qdq.spec import PerChannelGranularity
+
+    kind = spec.granularity.to_dict()["type"]
+    if spec.dtype in (QDType.INT8, QDType.UINT8) and kind in ("per_tensor", "per_channel"):
+        return spec.replace(granularity=PerChannelGranularity()) if kind == "per_channel" else spec
+    return spec.replace(dtype=QDType.INT8, granularity=PerChannelGranularity(), qscheme=QScheme.SYMMETRIC)
+
+
+def _is_embedding_lookup(node: ir.Node) -> bool:
+    """Gather of rows of a constant float 2-D table (a token / position embedding)."""
+    if node.op_type != "Gather" or not node.inputs or node.inputs[0] is None:
+        return False
+    table = node.inputs[0]
+    if table.const_value is None or len(table.const_value.shape) != 2 or not _is_float(table):
+        return False
+    return (node.attributes.get_int("axis") or 0) == 0
 
 
 def _single_consumer(value: ir.Value) -> ir.Node | None:
