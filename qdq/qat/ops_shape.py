@@ -118,6 +118,26 @@ def _gather_elements(node: ir.Node, ctx: CompileContext) -> OpFn:
     return run
 
 
+@register_op("GatherND")
+def _gather_nd(node: ir.Node, ctx: CompileContext) -> OpFn:
+    batch_dims = node.attributes.get_int("batch_dims", 0)
+
+    def run(ins: Tensors, state: Any) -> Sequence[torch.Tensor]:
+        x, idx = ins[0], ins[1].to(torch.int64)
+        b, k = batch_dims, idx.shape[-1]
+        batch_shape = tuple(x.shape[:b])
+        n_batch = int(torch.tensor(batch_shape).prod()) if b else 1
+        data = x.reshape((n_batch, *x.shape[b:]))
+        ind = idx.reshape(n_batch, -1, k)
+        dims = torch.tensor(x.shape[b:b + k], dtype=torch.int64)
+        ind = torch.where(ind < 0, ind + dims, ind)
+        rows = torch.arange(n_batch, dtype=torch.int64).reshape(n_batch, 1).expand(n_batch, ind.shape[1])
+        out = data[(rows, *(ind[..., j] for j in range(k)))]
+        return (out.reshape(tuple(idx.shape[:-1]) + tuple(x.shape[b + k:])),)
+
+    return run
+
+
 @register_op("Shape")
 def _shape(node: ir.Node, ctx: CompileContext) -> OpFn:
     start = node.attributes.get_int("start", 0)
