@@ -70,9 +70,14 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
 
 def _add_data_args(p: argparse.ArgumentParser, flag: str, *, required: bool = True) -> None:
     p.add_argument(flag, required=required, default=None, metavar="PATH",
-                   help=".npy (first axis = samples), .npz (one array per input), a folder of .npy/.npz, or a "
-                        "folder of images" + ("" if required else "; optional for weight-only presets (w8, w4), "
-                                              "which use it for bias correction"))
+                   help=".npy (first axis = samples), .npz (one array per input), a folder of .npy/.npz, a "
+                        "folder of images, or a .txt of sentences (one per line, with --tokenizer)"
+                        + ("" if required else "; optional for weight-only presets (w8, w4), "
+                                               "which use it for bias correction"))
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help=".txt data: a local Hugging Face tokenizer (or model) folder to tokenize the lines with")
+    p.add_argument("--seq-len", type=_positive_int, default=None,
+                   help=".txt data: pad/truncate every line to this many tokens (default 128)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image folders: resize/crop to this size (default: the model's, else 224)")
     p.add_argument("--mean", type=_floats, default=None, help="image folders: per-channel mean of x/255 (R,G,B)")
@@ -161,7 +166,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              num_samples=args.num_samples, calibrator=args.calibrator, output=out, progress=not args.quiet,
              image_size=args.image_size, mean=args.mean, std=args.std, deployment_target=args.deployment_target,
              compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names,
-             algorithms=args.algorithm)
+             algorithms=args.algorithm, tokenizer=args.tokenizer, seq_len=args.seq_len)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
         print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend})")
@@ -183,7 +188,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     names = model_inputs(fp32)  # required inputs, dtypes and shapes: files are checked when opened
     data = open_data(args.data, names, image_size=args.image_size, mean=args.mean, std=args.std,
-                     num_samples=args.num_samples, input_shapes=input_shapes(fp32), role="evaluation")
+                     num_samples=args.num_samples, input_shapes=input_shapes(fp32), role="evaluation",
+                     tokenizer=args.tokenizer, seq_len=args.seq_len)
     labels: np.ndarray | None
     if args.labels:
         labels = np.asarray(labels_from_file(args.labels))[: len(data)]

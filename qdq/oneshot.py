@@ -64,7 +64,8 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
              image_size: int | Sequence[int] | None = None, mean: Sequence[float] | float | None = None,
              std: Sequence[float] | float | None = None, deployment_target: str | None = None,
              compute_precision: str | None = None, input_names: Sequence[str] | str | None = None,
-             output_names: Sequence[str] | str | None = None, algorithms: Sequence[Any] | None = None) -> Any:
+             output_names: Sequence[str] | str | None = None, algorithms: Sequence[Any] | None = None,
+             tokenizer: str | os.PathLike[str] | None = None, seq_len: int | None = None) -> Any:
     """Quantize ``model`` (path / ModelProto / onnx_ir.Model) and finalize it for ``backend``.
 
     ``config``: QuantizerConfig, mapping, YAML path or preset name (default ``int8``).
@@ -76,10 +77,13 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     onnxruntime, ``.mlpackage`` for Core ML, ``.aimodel`` for Core AI. ``deployment_target``,
     ``compute_precision``, ``input_names``, ``output_names``: Core ML / Core AI conversion options (see
     :func:`qdq.backends.artifact.backend_options`). ``algorithms``: appended to the config's (e.g.
-    ``["smoothquant:alpha=0.7"]``; run on the calibration data before QDQ insertion). Returns an ``onnx_ir.Model`` for onnxruntime and a
+    ``["smoothquant:alpha=0.7"]``; run on the calibration data before QDQ insertion). ``tokenizer`` /
+    ``seq_len``: a ``.txt`` of sentences as calibration data (:mod:`qdq.data.text`). Returns an ``onnx_ir.Model`` for onnxruntime and a
     :class:`~qdq.backends.artifact.BackendArtifact` for Core ML / Core AI.
     """
     check_options(batch_size=batch_size, num_samples=num_samples, image_size=image_size, mean=mean, std=std)
+    _positive("seq_len (--seq-len)", seq_len)
+    text = {"tokenizer": tokenizer, "seq_len": seq_len}
     cfg = as_config("int8" if config is None else config)
     if algorithms:
         import dataclasses
@@ -119,13 +123,14 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
             calibration_data = list(calibration_data)  # a one-shot iterator: the algorithms and calibration both read it
 
         def stream() -> Any:
-            return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std)[0]
+            return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)[0]
 
         for note in quantizer.apply_algorithms(stream):
             logger.info("%s", note)
     if quantizer.needs_data:
         if calibration_data is not None:
-            batches, total = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std)
+            batches, total = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std,
+                                      text)
         elif quantizer.observes_activations:
             raise ConfigError("this config quantizes activations: pass calibration data (--calib-data PATH, or "
                               "calibration_data=...), or use a weight-only preset (w8, w4)")
@@ -157,13 +162,13 @@ def _input_shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...] | N
 
 
 def _batches(data: Any, quantizer: Quantizer, batch_size: int, num_samples: int | None,
-             image_size: Any, mean: Any, std: Any) -> tuple[Any, int | None]:
+             image_size: Any, mean: Any, std: Any, text: dict[str, Any] | None = None) -> tuple[Any, int | None]:
     from qdq.data import DataSource, open_data
     from qdq.model_inputs import model_inputs
 
     if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):  # the signature checks headers now
         data = open_data(data, model_inputs(quantizer.float_model), image_size=image_size, mean=mean, std=std,
-                         num_samples=num_samples, input_shapes=_input_shapes(quantizer.float_model))
+                         num_samples=num_samples, input_shapes=_input_shapes(quantizer.float_model), **(text or {}))
     if isinstance(data, DataSource):
         return data.batches(batch_size), -(-len(data) // batch_size)
     return data, (len(data) if hasattr(data, "__len__") else None)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qdq.data.arrays import ARRAY_SUFFIXES, Array, SingleSample, open_arrays
+from qdq.data.arrays import ARRAY_SUFFIXES, Array, MappedArray, SingleSample, open_arrays
 from qdq.data.images import IMAGE_SUFFIXES, ImageArray, InputShape, list_files, per_channel, target_size
+from qdq.data.text import TEXT_SUFFIXES
 from qdq.errors import ConfigError, DataError
 from qdq.model_inputs import ModelInputs, fmt_shape
 
@@ -121,6 +122,24 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
             yield {n: SingleSample(arrays[keys[n]]) if singles[n] else arrays[keys[n]] for n in keys}
 
     return _Chunk(path, counts[names[0]], opener), samples
+
+
+def _text_chunk(path: Path, names: Sequence[str], tokenizer: str | Path | None, seq_len: int | None,
+                signature: ModelInputs | None, role: str) -> _Chunk:
+    """One chunk for a sentences file: lines counted now, tokenized when read."""
+    from qdq.data.text import count_lines, tokenize_lines
+
+    if tokenizer is None:
+        raise DataError(f"{role} data {path} is text: pass --tokenizer PATH (a local Hugging Face tokenizer folder) "
+                        "to turn its lines into model inputs")
+    count = count_lines(path)
+    dtypes = {spec.name: spec.dtype for spec in signature.specs} if signature is not None else None
+
+    @contextmanager
+    def opener() -> Iterator[dict[str, Array]]:
+        yield {n: MappedArray(a) for n, a in tokenize_lines(path, tokenizer, names, seq_len, dtypes).items()}
+
+    return _Chunk(path, count, opener)
 
 
 def _image_chunks(files: Sequence[Path], name: str, size: tuple[int, int], mean: np.ndarray,
@@ -230,6 +249,8 @@ def open_data(
     num_samples: int | None = None,
     input_shapes: Mapping[str, InputShape | None] | None = None,
     role: str = "calibration",
+    tokenizer: str | Path | None = None,
+    seq_len: int | None = None,
 ) -> DataSource:
     """Open calibration/evaluation data without loading it (see :mod:`qdq.data` for formats).
 
@@ -241,7 +262,9 @@ def open_data(
     input); without shapes every array's first axis is the sample axis. ``image_size`` (int or
     (H, W); default: the model's fixed H, W), ``mean`` and ``std`` (scalar or per channel, applied
     to x/255; default 0 and 1) only apply to image folders. ``num_samples`` keeps the first N
-    samples. ``role`` ("calibration"/"evaluation") only words error messages.
+    samples. ``role`` ("calibration"/"evaluation") only words error messages. A ``.txt`` file holds
+    sentences, one per line, tokenized with the local Hugging Face ``tokenizer`` folder to ``seq_len``
+    (default 128; :mod:`qdq.data.text`).
     """
     signature = input_names if isinstance(input_names, ModelInputs) else None
     names: list[str] = signature.required_names if signature is not None else [str(n) for n in input_names]
@@ -257,9 +280,12 @@ def open_data(
         raise DataError(f"{role} data not found: {path}; pass an existing .npy, .npz or folder of .npy/.npz/images")
 
     chunks: list[_Chunk]
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        chunks, kind = [_text_chunk(path, names, tokenizer, seq_len, signature, role)], "text"
+    elif path.is_file():
         if path.suffix.lower() not in ARRAY_SUFFIXES:
-            raise DataError(f"unsupported {role} data file {path}; pass a .npy, .npz or a folder of .npy/.npz/images")
+            raise DataError(f"unsupported {role} data file {path}; pass a .npy, .npz, a .txt of sentences "
+                            "(with --tokenizer) or a folder of .npy/.npz/images")
         chunk, _ = _array_chunk(path, names, shapes, signature)
         chunks, kind = [chunk], path.suffix.lower()[1:]
     else:
