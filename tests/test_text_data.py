@@ -20,7 +20,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "[PAD] [UNK] the a quantized model keeps its meaning on every sentence".split()
+    words = ["[PAD]", "[UNK]", "the", "a", "quantized", "model", "keeps", "its", "meaning", "on", "every", "sentence"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
