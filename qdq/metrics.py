@@ -18,7 +18,8 @@ import numpy as np
 
 from qdq.errors import ModelError
 
-__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "OutputMetrics", "Sqnr", "sqnr_db", "top1"]
+__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "Sqnr",
+           "sqnr_db", "top1"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,42 @@ class Cosine:
         return self.total / self.count if self.count else None
 
 
+class NeighbourAgreement:
+    """For embedding outputs ([N, D] float, not class scores): the fraction of samples whose nearest other sample
+    by cosine similarity is the same under the quantized model as under FP32 (retrieval behaviour kept).
+
+    Keeps the first ``limit`` embeddings of each model (N x D floats: a retrieval index, not activations)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.ref: list[np.ndarray] = []
+        self.test: list[np.ndarray] = []
+        self.count = 0
+
+    def update(self, ref: np.ndarray, test: np.ndarray, samples: int) -> None:
+        if ref.ndim != 2 or ref.shape[0] != samples or ref.shape[-1] < 2 or ref.dtype.kind != "f":
+            return
+        take = min(samples, self.limit - self.count)
+        if take > 0:
+            self.ref.append(np.asarray(ref[:take], np.float32))
+            self.test.append(np.asarray(test[:take], np.float32))
+            self.count += take
+
+    @staticmethod
+    def _nearest(e: np.ndarray) -> np.ndarray:
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+        sims = e @ e.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argmax(sims, axis=1)
+
+    @property
+    def rate(self) -> float | None:
+        if self.count < 3:
+            return None
+        ref, test = np.concatenate(self.ref), np.concatenate(self.test)
+        return float(np.mean(self._nearest(ref) == self._nearest(test)))
+
+
 class Counter:
     """Matches over comparisons, e.g. top-1 agreement or correct predictions."""
 
@@ -125,6 +162,8 @@ class OutputMetrics:
     fp32_accuracy: float | None = None  #: None without labels or when the output is not [N, classes]
     quant_accuracy: float | None = None
     cosine: float | None = None  #: mean per-sample cosine similarity of FP32 and quantized outputs
+    #: embedding outputs [N, D]: each sample's nearest other sample (cosine) is the same with both models
+    neighbour_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,12 +196,14 @@ class CompareReport:
         lines = [(f"compared {self.num_samples} samples (onnxruntime {', '.join(self.providers)}, "
                  f"graph optimization: {self.optimization})")]
         has_acc = any(o.fp32_accuracy is not None for o in self.outputs)
-        head = ["output", "SQNR dB", "cosine", "top-1 agree", "max |diff|"]
+        has_nn = any(o.neighbour_agreement is not None for o in self.outputs)
+        head = ["output", "SQNR dB", "cosine", "top-1 agree", "max |diff|"] + (["NN agree"] if has_nn else [])
         head += ["FP32 acc", "quant acc", "delta"] if has_acc else []
         rows = []
         for o in self.outputs:
             cos = "-" if o.cosine is None else f"{o.cosine:.4f}"
             row = [o.name, _fmt_db(o.sqnr_db), cos, _fmt_pct(o.top1_agreement), f"{o.max_abs_diff:.4g}"]
+            row += [_fmt_pct(o.neighbour_agreement)] if has_nn else []
             if has_acc:
                 delta = (None if o.fp32_accuracy is None or o.quant_accuracy is None
                          else o.quant_accuracy - o.fp32_accuracy)

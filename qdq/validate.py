@@ -31,7 +31,17 @@ import onnxruntime as ort
 
 from qdq.data import DataSource, open_data
 from qdq.errors import DataError, ModelError, first_line
-from qdq.metrics import CompareReport, Cosine, Counter, LayerMetrics, OutputMetrics, Sqnr, sqnr_db, top1
+from qdq.metrics import (
+    CompareReport,
+    Cosine,
+    Counter,
+    LayerMetrics,
+    NeighbourAgreement,
+    OutputMetrics,
+    Sqnr,
+    sqnr_db,
+    top1,
+)
 from qdq.model_inputs import ModelInputs, iter_chunks, model_inputs
 from qdq.progress import progress_bar
 from qdq.session import DEFAULT_PROVIDERS, opt_level, run, run_batched
@@ -265,6 +275,7 @@ class _Accumulators:
         self.agree = {a: Counter() for a, _ in pairs}
         self.acc_fp = {a: Counter() for a, _ in pairs}
         self.acc_q = {a: Counter() for a, _ in pairs}
+        self.neighbours = {a: NeighbourAgreement() for a, _ in pairs if a not in scores}
         self.probes = list(probes)
         self.layers = [Sqnr() for _ in probes]
 
@@ -274,6 +285,7 @@ class _Accumulators:
             self.sqnr[a].update(ref[a], test[b])
             self.cosine[a].update(ref[a], test[b], n)
             if a not in self.scores:
+                self.neighbours[a].update(ref[a], test[b], n)
                 continue
             top_r, top_q = top1(ref[a]), top1(test[b])
             if top_r is None or top_q is None:
@@ -292,7 +304,8 @@ class _Accumulators:
 
     def outputs(self) -> list[OutputMetrics]:
         return [OutputMetrics(a, self.sqnr[a].db, self.sqnr[a].max_abs, self.agree[a].rate, self.acc_fp[a].rate,
-                              self.acc_q[a].rate, self.cosine[a].mean) for a, _ in self.pairs]
+                              self.acc_q[a].rate, self.cosine[a].mean,
+                              self.neighbours[a].rate if a in self.neighbours else None) for a, _ in self.pairs]
 
     def layer_metrics(self) -> list[LayerMetrics]:
         return sorted((LayerMetrics(p.reference, s.db, s.max_abs, p.node) for p, s in zip(self.probes, self.layers)),

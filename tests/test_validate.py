@@ -233,3 +233,30 @@ def test_run_model_and_input_shapes(xs: np.ndarray) -> None:
     np.testing.assert_allclose(np.concatenate([o["y"] for o in outs]), reference(xs)["yq"], atol=1e-5)
     assert input_shapes(fp32_model()) == {"x": ("N", 4)}
     assert input_shapes(fp32_model(batch=1)) == {"x": (1, 4)}
+
+
+def test_neighbour_agreement_of_embeddings() -> None:
+    """Each sample's nearest other sample (cosine) under FP32 vs quantized; only [N, D] float outputs count."""
+    from qdq.metrics import NeighbourAgreement
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((40, 8)).astype(np.float32)
+    same = NeighbourAgreement()
+    noisy = NeighbourAgreement(limit=30)
+    for i in range(0, 40, 16):
+        same.update(ref[i:i + 16], ref[i:i + 16] * 3.0, len(ref[i:i + 16]))  # scale does not change cosine
+        noisy.update(ref[i:i + 16], ref[i:i + 16] + rng.standard_normal((len(ref[i:i + 16]), 8)).astype(np.float32),
+                     len(ref[i:i + 16]))
+    assert same.rate == 1.0 and same.count == 40
+    assert noisy.count == 30  # the limit
+    e = ref[:30] / np.linalg.norm(ref[:30], axis=1, keepdims=True)
+    sims = e @ e.T
+    np.fill_diagonal(sims, -np.inf)
+    t = np.concatenate(noisy.test)
+    et = t / np.linalg.norm(t, axis=1, keepdims=True)
+    st = et @ et.T
+    np.fill_diagonal(st, -np.inf)
+    assert noisy.rate == pytest.approx(np.mean(sims.argmax(1) == st.argmax(1))) and noisy.rate < 1.0
+    scalar = NeighbourAgreement()
+    scalar.update(np.zeros((4,), np.float32), np.zeros((4,), np.float32), 4)  # not an embedding: ignored
+    assert scalar.rate is None
