@@ -130,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--per-layer", action="store_true", help="SQNR of every quantized activation, worst first")
 
     e = sub.add_parser("export", help="export a PyTorch model to ONNX (dynamo exporter)", parents=common)
-    e.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
-                   help="factory returning (torch model, example inputs), e.g. models.digits:factory")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PKG.MODULE:FACTORY",
+                        help="factory returning (torch model, example inputs), e.g. models.digits:factory")
+    source.add_argument("--hf", metavar="DIR|PACKAGE",
+                        help="a Hugging Face transformer: a local model folder or an installed package holding one "
+                             "(named int64 inputs, dynamic batch and sequence)")
+    e.add_argument("--pooling", default=None, choices=["mean", "none"],
+                   help="--hf: output the attention-masked mean of the last hidden state, L2-normalised "
+                        "(sentence_embedding), instead of last_hidden_state")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--opset", type=_positive_int, default=None)
 
@@ -206,6 +213,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from qdq.model_io import check_output_path
     from qdq.torch_export import export
 
+    if args.hf:
+        from qdq.hf_export import export_hf
+
+        check_output_path(args.output)
+        path = export_hf(args.hf, args.output, pooling=args.pooling)
+        if not args.quiet:
+            print(f"wrote {path}")
+        return 0
     mod_name, _, attr = args.model.partition(":")
     if not mod_name or not attr:
         raise ConfigError(f"--model must look like package.module:factory, got '{args.model}'")

@@ -15,15 +15,12 @@ Exits 0 when the package is not installed (prints why), so it can run anywhere.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import os
 import re
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,43 +60,19 @@ def sentences(folder: Path = SEEDS, min_words: int = 4) -> list[str]:
 
 
 def tokenize(folder: Path, texts: list[str], seq_len: int = SEQ_LEN) -> dict[str, np.ndarray]:
-    """``input_ids`` and ``attention_mask`` (int64, [n, seq_len]) with the model's own tokenizer."""
+    """The tokenizer's model inputs (``input_ids``, ``attention_mask``, ``token_type_ids``; int64 [n, seq_len])."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
 def export(folder: Path, path: Path) -> Path:
-    """Export the encoder + mean pooling + L2 normalisation to ONNX (dynamo exporter, dynamic batch/sequence)."""
-    import torch
-    from transformers import AutoModel
+    """Export the encoder + mean pooling + L2 normalisation to ONNX (``qdq export --hf DIR --pooling mean``)."""
+    from qdq.hf_export import export_hf
 
-    from qdq.model_io import save
-
-    class SentenceEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = AutoModel.from_pretrained(str(folder), attn_implementation="eager")
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-    module = SentenceEncoder().eval()
-    example = tokenize(folder, ["An example sentence for the exporter.", "A second, slightly longer example."], 16)
-    args = (torch.from_numpy(example["input_ids"]), torch.from_numpy(example["attention_mask"]))
-    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=512)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-                                    input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-                                    optimize=True, verbose=False, report=False)
-    save(program.model, path)
-    return path
+    return export_hf(folder, path, pooling="mean")
 
 
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:

