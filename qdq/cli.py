@@ -315,11 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print("qdq: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print("qdq: error: interrupted by SIGTERM; nothing was written", file=sys.stderr)
+    except Terminated:  # a signal may land mid-way through a progress bar's line: start a fresh one
+        print("\nqdq: error: interrupted by SIGTERM; nothing was written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("qdq: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        print("\nqdq: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line unless --debug
         if args.debug:

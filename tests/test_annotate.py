@@ -141,3 +141,30 @@ def test_transformer_ffn_residual_stays_float_cnn_residual_does_not(digits_onnx)
     residual = next(n for n in ir.load(digits_onnx).graph if n.op_type == "Add")
     assert all(v.name in {t.tensor for t in cnn} for v in residual.inputs)
     assert any(t.uses is None and residual.name in t.ops for t in cnn)  # its (Relu-fused) output pair
+
+
+def test_vit_class_token_path_is_a_float_island() -> None:
+    """Concat(class token, patches) -> + position -> Gather(class token) -> LayerNorm -> head: the Concat, the Add
+    and the Gather only lead to LayerNorm, so none of them gets a pair (ViT int8: 14.1 -> 32.3 dB); the head's
+    input (the LayerNorm output) is quantized."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 1, 8)).astype(np.float32), "cls"),
+             numpy_helper.from_array(rng.standard_normal((1, 5, 8)).astype(np.float32), "pos"),
+             numpy_helper.from_array(np.array(0, np.int64), "first"),
+             numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Concat", ["cls", "x"], ["cat"], axis=1),
+             helper.make_node("Add", ["cat", "pos"], ["h"]),
+             helper.make_node("Gather", ["h", "first"], ["tok"], axis=1),
+             helper.make_node("LayerNormalization", ["tok", "g", "b"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "vit", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    quantized = {t.tensor for t in annotate(model, QuantizerConfig()).targets.values()}
+    assert {"n", "w"} <= quantized
+    assert not quantized & {"x", "cls", "cat", "pos", "h", "tok"}

@@ -10,9 +10,9 @@ Rules, in one place:
   Softplus / Softmax, and through pooling, means, shape ops, Concat, Add and Mul of such tensors)
   or bounded below only (after HardSwish, Gelu, Elu, ...) is asymmetric: no codes are wasted on
   values that cannot occur.
-- Float islands: an element-wise Add/Sub/Mul whose output only float ops read (directly or through other
-  such ops; a transformer's residual Add feeding LayerNorm) computes in float: no pair on its output or
-  its inputs. A MatMul/Gemm output only such ops read stays float too (onnxruntime runs the MatMul on
+- Float islands: an element-wise Add/Sub/Mul or a Concat whose output only float ops read (directly,
+  through other such ops or through pass-through ops such as a class-token Gather; a transformer's
+  residual Add feeding LayerNorm) computes in float: no pair on its output or its inputs. A MatMul/Gemm output only such ops read stays float too (onnxruntime runs the MatMul on
   integers anyway: MatMulIntegerToFloat); Conv keeps its output pair (QLinearConv needs it). On
   all-MiniLM-L6-v2 int8: cosine to FP32 0.851 -> 0.990; CNNs (residual Add read by a Conv) are unchanged.
 - Mask arithmetic (float math on integer inputs and small constants, e.g. ``(1 - mask) * finfo.min``)
@@ -309,7 +309,7 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
 
 
 #: Element-wise compute ops: integer kernels gain little, so their output is quantized only for a quantized reader.
-_ELEMENTWISE = frozenset({"Add", "Sub", "Mul"})
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Concat"})  # Concat: a ViT's class token joining the patches
 #: Compute ops whose output may stay float when only float ops read it: the element-wise ones, and MatMul /
 #: Gemm, which onnxruntime still runs on integers from quantized inputs (MatMulIntegerToFloat). Conv keeps its
 #: output pair: onnxruntime fuses a QDQ Conv into QLinearConv only with one.
@@ -317,17 +317,23 @@ _FLOAT_OUTPUT_OK = _ELEMENTWISE | {"MatMul", "Gemm"}
 
 
 def _only_float_consumers(value: ir.Value, configs: dict[int, ModuleQuantizerConfig | None],
-                          float_islands: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+                          float_islands: set[int] = frozenset(), _depth: int = 0) -> bool:  # type: ignore[assignment]
     """True when no consumer of ``value`` reads it quantized (all are float ops such as LayerNormalization,
-    or element-wise ops of a float island)."""
+    element-wise ops of a float island, or pass-through ops - Gather, Reshape, ... - whose outputs only reach
+    such ops)."""
     if value.is_graph_output() or not value.uses():
         return False
     for use in value.uses():
-        op = use.node.op_type
-        if id(use.node) in float_islands:
+        node = use.node
+        op = node.op_type
+        if id(node) in float_islands:
             continue
+        if op in PASSTHROUGH_OPS and configs.get(id(node)) is not None and _depth < 8:
+            if all(_only_float_consumers(o, configs, float_islands, _depth + 1) for o in node.outputs):
+                continue  # e.g. the class-token Gather before a ViT's final LayerNorm
+            return False
         quantizing = op in OP_TABLE or op in PASSTHROUGH_OPS or op in ACTIVATION_OPS
-        if quantizing and configs.get(id(use.node)) is not None:
+        if quantizing and configs.get(id(node)) is not None:
             return False
     return True
 
