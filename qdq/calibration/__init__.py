@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["QParamsCalculatorBase", "RangeCalculatorBase"]
 
-_BUILTINS = ("qdq.calibration.minmax", "qdq.calibration.histogram")
+_BUILTINS = ("qdq.calibration.minmax", "qdq.calibration.histogram", "qdq.calibration.weight_mse")
 
 
 def __getattr__(name: str) -> Any:
