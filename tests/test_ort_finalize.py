@@ -310,3 +310,27 @@ def test_apple_backends_have_no_onnx_passes(digits_onnx, digits_data) -> None:
     # the prepared model is not modified; the artifact's ONNX copy has the same Q/DQ pairs
     assert len(_nodes(q.qdq_model(), "QuantizeLinear")) == len(_nodes(before, "QuantizeLinear"))
     assert len(_nodes(final.onnx_model, "QuantizeLinear")) == len(_nodes(before, "QuantizeLinear"))
+
+# ------------------------------------------------------------------ transformers
+
+
+def test_attention_runs_on_integer_kernels_and_w4_on_matmulnbits(attention_onnx: Path, tmp_path: Path) -> None:
+    """int8: every MatMul of a self-attention block (projections, Q·Kᵀ, attention·V) is an integer kernel in
+    onnxruntime's optimized graph; w4: the weight MatMuls are MatMulNBits (4-bit weights stay packed)."""
+    import qdq
+    from qdq.presets import preset
+
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((4, 8, 16)).astype(np.float32) for _ in range(4)]
+    int8 = qdq.quantize(attention_onnx, "int8", calib, output=tmp_path / "int8.onnx", progress=False)
+    counts = optimized_op_counts(tmp_path / "int8.onnx")
+    matmuls = sum(1 for n in ir.load(attention_onnx).graph if n.op_type == "MatMul")
+    assert counts["MatMulIntegerToFloat"] + counts["QLinearMatMul"] == matmuls == 6, counts
+    assert counts["MatMul"] == counts["FusedMatMul"] == 0
+    assert int8 is not None
+    w4 = preset("w4").to_dict()
+    w4["global_config"]["op_state_spec"]["weight"]["granularity"] = {"type": "per_block", "block_size": 16}
+    qdq.quantize(attention_onnx, w4, calib, output=tmp_path / "w4.onnx", progress=False)
+    counts = optimized_op_counts(tmp_path / "w4.onnx")
+    assert counts["MatMulNBits"] == 4, counts  # q, k, v and output projections
+    assert (tmp_path / "w4.onnx").stat().st_size < 0.5 * Path(attention_onnx).stat().st_size
