@@ -266,6 +266,12 @@ _COMMANDS = {"quantize": _cmd_quantize, "compare": _cmd_compare, "export": _cmd_
              "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 
+def _fresh_line() -> str:
+    from qdq.progress import bar_was_drawn
+
+    return "\n" if bar_was_drawn() else ""
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"signal {signum}")
 
@@ -316,10 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("qdq: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     except Terminated:  # a signal may land mid-way through a progress bar's line: start a fresh one
-        print("\nqdq: error: interrupted by SIGTERM; nothing was written", file=sys.stderr)
+        print(_fresh_line() + "qdq: error: interrupted by SIGTERM; nothing was written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("\nqdq: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        print(_fresh_line() + "qdq: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line unless --debug
         if args.debug:

@@ -114,10 +114,13 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         require_converter(backend)  # the converter's extra is installed (one line naming it if not)
     batches: Any = None
     total: int | None = None
-    if quantizer.pending_algorithms:
-        if calibration_data is None:
-            raise ConfigError(f"algorithm(s) {quantizer.pending_algorithms} need calibration data: pass --calib-data "
-                              "PATH (or calibration_data=...), or drop them from the config")
+    relevant = quantizer.relevant_algorithms() if quantizer.pending_algorithms else []
+    if quantizer.pending_algorithms and not relevant:
+        quantizer.apply_algorithms([])  # they would change nothing here (SmoothQuant on a CNN)
+    if relevant and calibration_data is None:
+        raise ConfigError(f"algorithm(s) {relevant} need calibration data: pass --calib-data PATH (or "
+                          "calibration_data=...), or drop them from the config")
+    if relevant:
         if not isinstance(calibration_data, (str, bytes)) and not hasattr(calibration_data, "__fspath__") \
                 and iter(calibration_data) is calibration_data:
             calibration_data = list(calibration_data)  # a one-shot iterator: the algorithms and calibration both read it

@@ -2,10 +2,10 @@
 
 | preset               | weights                                   | activations                           |
 |----------------------|-------------------------------------------|---------------------------------------|
-| `int8` (default)     | int8 per-channel symmetric, `static`      | int8 per-tensor, `moving_average`     |
+| `int8` (default)     | int8 per-channel symmetric, `static`; SmoothQuant (alpha 0.7) on LayerNorm-fed MatMul/Gemm | int8 per-tensor, `moving_average` |
 | `int8-global-minmax` | int8 per-channel symmetric, `static`      | int8 per-tensor, `global_minmax`      |
 | `int8-asymmetric`    | int8 per-channel symmetric, `static`      | int8 per-tensor asymmetric, `global_minmax` (onnxruntime's U8S8 grid) |
-| `int8-smoothquant`   | as `int8`, after SmoothQuant (alpha 0.7) on LayerNorm-fed MatMul/Gemm | as `int8` (transformers) |
+| `int8-smoothquant`   | the same as `int8` (kept as a name)       | as `int8`                             |
 | `fp8`                | float8_e4m3fn per-channel, `static`       | float8_e4m3fn per-tensor, `global_minmax` |
 | `w8`                 | int8 per-channel symmetric, `static`      | float (weight-only)                   |
 | `w4`                 | int4 per-block (block 32), `static`       | float (weight-only)                   |
@@ -30,7 +30,8 @@ __all__ = ["PRESETS", "preset"]
 
 def _w8a8(calculator: str, qscheme: str = "symmetric") -> QuantizerConfig:
     act = QuantizationSpec(dtype="int8", qparam_calculator_cls=calculator, qscheme=qscheme)
-    return QuantizerConfig(global_config=ModuleQuantizerConfig(op_input_spec={"*": act}, op_output_spec={"*": act}))
+    return QuantizerConfig(global_config=ModuleQuantizerConfig(op_input_spec={"*": act}, op_output_spec={"*": act}),
+                           algorithms=[{"name": "smoothquant"}])
 
 
 def _fp8() -> QuantizerConfig:
@@ -46,7 +47,8 @@ def _weight_only(weight: QuantizationSpec) -> QuantizerConfig:
 
 
 PRESETS: dict[str, Callable[[], QuantizerConfig]] = {
-    "int8": QuantizerConfig,  # the seed's default
+    # the seed's default, plus SmoothQuant where LayerNorm outputs feed MatMuls (transformers; a no-op on CNNs)
+    "int8": lambda: dataclasses.replace(QuantizerConfig(), algorithms=[{"name": "smoothquant"}]),
     "int8-global-minmax": lambda: _w8a8("global_minmax"),
     "int8-asymmetric": lambda: _w8a8("global_minmax", "asymmetric"),
     # transformers: LayerNorm-output outliers moved into the weights before int8 (SmoothQuant, alpha 0.7)

@@ -135,6 +135,23 @@ class Quantizer:
         """Names of the config's algorithms not applied yet (:meth:`apply_algorithms` runs them)."""
         return [a["name"] for a in self._pending_algorithms]
 
+    def relevant_algorithms(self) -> list[str]:
+        """Names of the pending algorithms that would change this model."""
+        from qdq.algorithms import build_algorithm
+
+        return [a["name"] for a in self._pending_algorithms if build_algorithm(a).applies_to(self.float_model)]
+
+    def _skip_unapplied_algorithms(self) -> None:
+        """prepare() without apply_algorithms(): the algorithms are skipped, with one warning naming those that would
+        have changed this model (SmoothQuant on a CNN changes nothing: no warning)."""
+        relevant = self.relevant_algorithms()
+        if relevant:
+            logger.warning("algorithm(s) %s skipped: they need calibration data; call "
+                           "quantizer.apply_algorithms(calibration_batches) before prepare() (qdq.quantize and the "
+                           "CLI do)", relevant)
+        self.algorithm_notes.append(f"skipped without calibration data: {[a['name'] for a in self._pending_algorithms]}")
+        self._pending_algorithms = []
+
     def apply_algorithms(self, batches: Any) -> list[str]:
         """Run the config's algorithms on the float model with ``batches`` (calibration data: a list of
         batches, or a callable returning a fresh iterator of them), then re-plan. Call before :meth:`prepare`;
@@ -157,13 +174,17 @@ class Quantizer:
             for batch in batches():
                 yield as_feeds(batch, names)
 
+        algorithms = [build_algorithm(spec) for spec in self._pending_algorithms]
+        self._pending_algorithms = []
+        active = [a for a in algorithms if a.applies_to(self.float_model)]
+        if not active:  # e.g. SmoothQuant on a CNN: nothing to edit, no re-planning
+            return []
         model = self.float_model.clone()
         notes: list[str] = []
-        for spec in self._pending_algorithms:
-            notes += build_algorithm(spec).apply(model, feeds)
+        for algorithm in active:
+            notes += algorithm.apply(model, feeds)
         self.float_model, self.plan = _upgraded_and_planned(model, self.config)
         self._bias_sites = bias_correction_sites(self.float_model, self.plan) if self.config.bias_correction else {}
-        self._pending_algorithms = []
         self._qdq_cache = self._session = None
         self.algorithm_notes += notes
         logger.info("re-planned after %s: %s", ", ".join(n.split(":")[0] for n in notes), self.plan.summary())
@@ -208,8 +229,7 @@ class Quantizer:
         discards them, so calibration results do not depend on the example.
         """
         if self._pending_algorithms:
-            raise ConfigError(f"the config runs algorithm(s) {self.pending_algorithms} on calibration data: call "
-                              "quantizer.apply_algorithms(calibration_batches) before prepare()")
+            self._skip_unapplied_algorithms()
         for key, t in self.plan.targets.items():
             if t.shared_with is not None:
                 continue

@@ -87,22 +87,36 @@ def test_int8_error_drops_and_the_inserted_mul_stays_float(tmp_path: Path) -> No
     path = _block(tmp_path / "b.onnx", residual=False)
     data, x = _data(), _data(8, seed=7)[0]
     ref = _run(str(path), x)
-    plain = qdq.quantize(path, "int8", data, progress=False)
-    smooth = qdq.quantize(path, "int8-smoothquant", data, progress=False)
+    plain = qdq.quantize(path, dataclasses.replace(preset("int8"), algorithms=None), data, progress=False)
+    smooth = qdq.quantize(path, "int8", data, progress=False)  # the int8 preset includes SmoothQuant
     plain_db = min(_sqnr(r, o) for r, o in zip(ref, _run(plain, x), strict=True))
     smooth_db = min(_sqnr(r, o) for r, o in zip(ref, _run(smooth, x), strict=True))
     assert smooth_db > plain_db + 6.0, (plain_db, smooth_db)
-    q = Quantizer(_block(tmp_path / "r.onnx", residual=True), "int8-smoothquant")
+    q = Quantizer(_block(tmp_path / "r.onnx", residual=True), "int8")  # int8 includes SmoothQuant
     assert q.pending_algorithms == ["smoothquant"]
-    with pytest.raises(ConfigError, match=r"apply_algorithms\(calibration_batches\) before prepare"):
-        q.prepare(data[0])
     q.apply_algorithms(data)
     by_tensor = {t.tensor: t for t in q.plan.targets.values()}
     matmuls = {n.name for n in q.float_model.graph if n.op_type == "MatMul"}
     assert {n for n, _ in by_tensor["ln_smoothed"].uses} == matmuls  # the MatMuls read the smoothed tensor
     assert all(q.float_model.graph.node(n).op_type == "Add" for n, _ in by_tensor["ln"].uses)  # the residual the raw
-    with pytest.raises(ConfigError, match="before prepare"):
+
+
+def test_prepare_without_data_skips_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     digits_onnx: Path) -> None:
+    """The coreai_opt flow (prepare, calibration_mode) has no data before prepare: algorithms that would change
+    the model are skipped with a warning; on a CNN SmoothQuant changes nothing and nothing is said."""
+    import logging
+
+    data = _data()
+    with caplog.at_level(logging.WARNING, logger="qdq.quantizer"):
+        q = Quantizer(_block(tmp_path / "b.onnx", residual=False), "int8")
         q.prepare(data[0])
+    assert "['smoothquant'] skipped" in caplog.text and q.pending_algorithms == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qdq.quantizer"):
+        Quantizer(digits_onnx, "int8").prepare(np.zeros((2, 1, 8, 8), np.float32))
+    assert "skipped" not in caplog.text
+    with pytest.raises(ConfigError, match="before prepare"):
         q.apply_algorithms(data)
 
 

@@ -50,6 +50,10 @@ class Algorithm:
     def validate(self) -> None:
         """Raise ConfigError for option values out of range."""
 
+    def applies_to(self, model: ir.Model) -> bool:
+        """Whether :meth:`apply` would change ``model`` (default: yes)."""
+        return True
+
     def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]]) -> list[str]:
         """Edit ``model`` (a float model) in place; ``batches()`` streams calibration feeds. Returns notes."""
         raise NotImplementedError

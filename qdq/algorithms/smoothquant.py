@@ -92,6 +92,9 @@ class SmoothQuant(Algorithm):
                     out[value.name] = (value, readers)
         return out
 
+    def applies_to(self, model: ir.Model) -> bool:
+        return bool(self.groups(model))
+
     def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]]) -> list[str]:
         from qdq.session import make_session
 
