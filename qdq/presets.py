@@ -3,8 +3,8 @@
 | preset               | weights                                   | activations                           |
 |----------------------|-------------------------------------------|---------------------------------------|
 | `int8` (default)     | int8 per-channel symmetric, `static`; SmoothQuant (alpha 0.7) on LayerNorm-fed MatMul/Gemm | int8 per-tensor, `moving_average` |
-| `int8-global-minmax` | int8 per-channel symmetric, `static`      | int8 per-tensor, `global_minmax`      |
-| `int8-asymmetric`    | int8 per-channel symmetric, `static`      | int8 per-tensor asymmetric, `global_minmax` (onnxruntime's U8S8 grid) |
+| `int8-global-minmax` | as `int8` (SmoothQuant included)          | int8 per-tensor, `global_minmax`      |
+| `int8-asymmetric`    | as `int8` (SmoothQuant included)          | int8 per-tensor asymmetric, `global_minmax` (onnxruntime's U8S8 grid) |
 | `int8-smoothquant`   | the same as `int8` (kept as a name)       | as `int8`                             |
 | `fp8`                | float8_e4m3fn per-channel, `static`       | float8_e4m3fn per-tensor, `global_minmax` |
 | `w8`                 | int8 per-channel symmetric, `static`      | float (weight-only)                   |
