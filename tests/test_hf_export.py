@@ -14,6 +14,7 @@ pytest.importorskip("tokenizers")
 
 from qdq.cli import main
 from qdq.errors import ConfigError
+import qdq.backends.artifact
 from qdq.hf_export import resolve_hf_folder
 from qdq.session import make_session
 
@@ -71,3 +72,36 @@ def test_resolve_errors(tmp_path: Path) -> None:
         resolve_hf_folder("no_such_package_qdq")
     with pytest.raises(ConfigError, match="no config.json"):
         resolve_hf_folder(tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["coreai", "coreml"])
+def test_transformer_converts_for_apple_backends(hf_folder: Path, tmp_path: Path, backend: str) -> None:
+    """BERT's shape arithmetic (position ids and mask broadcasts from Shape of the inputs) cannot be traced with a
+    dynamic batch; the lowering folds it at static shapes and converts. Core AI's runtime then matches FP32."""
+    import importlib.util
+
+    import qdq
+
+    if importlib.util.find_spec({"coreai": "coreai_torch", "coreml": "coremltools"}[backend]) is None:
+        pytest.skip(f"the {backend} extra is not installed")
+    fp32 = tmp_path / "tiny.onnx"
+    assert main(["export", "--hf", str(hf_folder), "--pooling", "mean", "-o", str(fp32), "--quiet"]) == 0
+    names = [i.name for i in make_session(fp32).get_inputs()]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, len(WORDS), (16, 8)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    batches = [{k: v[i:i + 4] for k, v in feeds.items()} for i in range(0, 16, 4)]
+    final = qdq.quantize(fp32, "int8", batches, backend=backend, progress=False)
+    out = qdq.save(final, tmp_path / ("m.aimodel" if backend == "coreai" else "m.mlpackage"))
+    info = qdq.backends.artifact.backend_module(backend).inspect(out)
+    assert info["float_weights"] == [] and sum(info["weight_dtypes"].values()) >= 12  # 2 layers x 6 MatMuls
+    if backend == "coreai":
+        from qdq.backends.coreai import CoreAIRuntime
+
+        batch = {k: v[:2] for k, v in feeds.items()}  # the traced (static) shape
+        with CoreAIRuntime(out) as rt:
+            got = rt.run(batch)[0]
+        ref = make_session(fp32).run(None, batch)[0]
+        cos = np.sum(got * ref, -1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+        assert got.shape == ref.shape and cos.min() > 0.98, cos

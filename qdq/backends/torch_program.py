@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -228,17 +228,50 @@ def _batch_dynamic_shapes(model: ir.Model, inputs: Sequence[torch.Tensor]) -> tu
     return tuple(spec) if any(s is not None for s in spec) else None
 
 
+def fold_static_shapes(model: ir.Model, inputs: Sequence[torch.Tensor]) -> ir.Model:
+    """A copy of ``model`` with its inputs fixed to ``inputs``' shapes and the shape arithmetic folded to constants.
+
+    Transformers compute Expand / Reshape targets from ``Shape`` of their inputs (position ids, attention-mask
+    broadcasts); traced by ``torch.export`` those are tensor values it cannot specialise. With static input
+    shapes onnxscript's constant folding turns them into constants. QuantizeLinear / DequantizeLinear are never
+    folded (the weights stay quantized sites).
+    """
+    from onnxscript.optimizer import fold_constants
+
+    static = model.clone()
+    for value, x in zip(static.graph.inputs, inputs, strict=True):
+        value.shape = ir.Shape(list(x.shape))
+    keep = {"QuantizeLinear", "DequantizeLinear"}
+    fold_constants(static, onnx_shape_inference=True, should_fold=lambda n: False if n.op_type in keep else None)
+    return static
+
+
 def _export(program: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: tuple[Any, ...] | None,
-            backend: str) -> Any:
-    """``torch.export.export`` with a dynamic batch, falling back to static shapes (logged) if that fails."""
+            backend: str, static_program: Callable[[], nn.Module] | None = None) -> tuple[Any, nn.Module]:
+    """``torch.export.export`` with a dynamic batch, falling back to static shapes (logged) if that fails, and
+    then to ``static_program()`` (shape arithmetic folded). Returns the program and the module exported."""
     if dynamic is not None:
         try:
-            return torch.export.export(program, inputs, dynamic_shapes={"args": dynamic})
+            return torch.export.export(program, inputs, dynamic_shapes={"args": dynamic}), program
         except Exception as exc:  # noqa: BLE001  (any tracer failure: retry static)
             logger.warning("export with a dynamic batch dimension failed (%s); exporting with static shapes %s",
                            first_line(exc, with_type=True), [tuple(x.shape) for x in inputs])
     try:
-        return torch.export.export(program, inputs)
+        return torch.export.export(program, inputs), program
+    except QdqError as exc:
+        if static_program is None:
+            raise
+        first = exc
+    except Exception as exc:
+        if static_program is None:
+            raise BackendError(f"torch.export could not trace the {backend} program: "
+                               f"{first_line(exc, with_type=True)}") from exc
+        first = exc  # type: ignore[assignment]
+    logger.info("static export failed (%s); retrying with the shape arithmetic folded to constants",
+                first_line(first, with_type=True))
+    folded = static_program()
+    try:
+        return torch.export.export(folded, inputs), folded
     except QdqError:
         raise
     except Exception as exc:
@@ -267,7 +300,10 @@ def lower(model: Any, ops: BackendOps, options: BackendOptions | None = None, *,
     dynamic = _batch_dynamic_shapes(model, inputs) if options.dynamic_batch else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own pytree deprecations
-        ep = _export(program, inputs, dynamic, ops.name)
+        ep, exported = _export(program, inputs, dynamic, ops.name,
+                               static_program=lambda: _Program(BackendModule(fold_static_shapes(model, inputs),
+                                                                             ops)).eval())
+        module = exported.inner if isinstance(exported, _Program) else module
         try:
             ep = ep.run_decompositions(ops.decompositions())
         except QdqError:

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import gc
 import os
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +50,9 @@ class CoreAIRuntime:
         self._asset: Any = None
         asset = self._load()
         summary = asset.summary()
-        self.input_names = [n for n, _ in summary.function_inputs(function)]
+        inputs = list(summary.function_inputs(function))
+        self.input_names = [n for n, _ in inputs]
+        self.input_dtypes = {n: _asset_dtype(t) for n, t in inputs}
         self.output_names = [n for n, _ in summary.function_outputs(function)]
         del summary, asset  # an asset still alive at interpreter exit can abort the process (coreai-core 1.0.0b3)
 
@@ -107,13 +110,37 @@ class CoreAIRuntime:
         unknown = sorted(set(named) - set(self.input_names))
         if unknown:
             raise DataError(f"unknown input(s) {unknown} for {self.path.name}; it takes {self.input_names}")
-        args = {k: self._ndarray(np.ascontiguousarray(np.asarray(v))) for k, v in named.items()}
+        args = {k: self._ndarray(np.ascontiguousarray(self._as_input(k, np.asarray(v)))) for k, v in named.items()}
         try:
             out = self._loop.run_until_complete(self._fn(args))
         except Exception as exc:
             raise BackendError(f"the Core AI runtime failed on {self.path.name}: {first_line(exc, with_type=True)}") \
                 from exc
         return [np.array(out[name].numpy()) for name in self.output_names]
+
+
+    def _as_input(self, name: str, x: np.ndarray) -> np.ndarray:
+        """``x`` in the dtype the asset declares (coreai-torch stores int64 inputs as int32: token ids, masks)."""
+        want = self.input_dtypes.get(name)
+        if want is None or x.dtype == want:
+            return x
+        if x.dtype.kind in "iub" and want.kind in "iu":
+            info = np.iinfo(want)
+            if x.size and (x.min() < info.min or x.max() > info.max):
+                raise DataError(f"input '{name}' has values outside {want} (the asset's input type); "
+                                f"got [{x.min()}, {x.max()}]")
+        return x.astype(want)
+
+
+def _asset_dtype(description: Any) -> np.dtype | None:
+    """numpy dtype of an asset input described as e.g. ``'NDArray (Int32, 2 × 64)'`` (None if unknown)."""
+    m = re.search(r"\((\w+)", str(description))
+    return _ASSET_DTYPES.get(m.group(1).lower()) if m else None
+
+
+_ASSET_DTYPES: dict[str, np.dtype] = {"int32": np.dtype(np.int32), "int64": np.dtype(np.int64), "int16": np.dtype(np.int16),
+                 "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8), "float32": np.dtype(np.float32),
+                 "float16": np.dtype(np.float16), "bool": np.dtype(np.bool_)}
 
 
 def run(path: str | os.PathLike[str], feeds: Mapping[str, Any] | Sequence[Any] | np.ndarray) -> list[np.ndarray]:
