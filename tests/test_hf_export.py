@@ -14,7 +14,6 @@ pytest.importorskip("tokenizers")
 
 from qdq.cli import main
 from qdq.errors import ConfigError
-import qdq.backends.artifact
 from qdq.hf_export import resolve_hf_folder
 from qdq.session import make_session
 
