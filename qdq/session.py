@@ -68,13 +68,26 @@ def make_session(model: Any, *, level: str = "all", threads: int = 0, arena: boo
     ``arena=False``: activations are malloc'ed and freed per run instead of kept in an arena.
     ``label`` names the model in errors (e.g. "quantized model").
     """
-    opts = session_options(level)
+    if label is None:
+        label = f"model {model}" if isinstance(model, (str, os.PathLike)) else "model"
+    try:
+        return _load(model, session_options(level), threads, arena, extra_outputs, providers, label)
+    except ModelError as exc:
+        if level in ("none", "disabled") or "/optimizer/" not in str(exc):
+            raise
+        # onnxruntime's own graph optimizer failed on a valid model (e.g. 1.32's ClipQuantFusion on float8 zero
+        # points): the model still runs, unoptimized
+        logger.warning("onnxruntime's graph optimizer failed on the %s (%s); running it unoptimized", label,
+                       str(exc).split(": ", 1)[-1][:200])
+        return _load(model, session_options("none"), threads, arena, extra_outputs, providers, label)
+
+
+def _load(model: Any, opts: ort.SessionOptions, threads: int, arena: bool, extra_outputs: Sequence[str],
+          providers: Sequence[str] | None, label: str) -> ort.InferenceSession:
     opts.intra_op_num_threads = threads
     opts.enable_cpu_mem_arena = arena
     provs = list(providers or DEFAULT_PROVIDERS)
     extra = list(dict.fromkeys(extra_outputs))
-    if label is None:
-        label = f"model {model}" if isinstance(model, (str, os.PathLike)) else "model"
     try:
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
