@@ -114,9 +114,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         require_converter(backend)  # the converter's extra is installed (one line naming it if not)
     batches: Any = None
     total: int | None = None
-    relevant = quantizer.relevant_algorithms() if quantizer.pending_algorithms else []
-    if quantizer.pending_algorithms and not relevant:
-        quantizer.apply_algorithms([])  # they would change nothing here (SmoothQuant on a CNN)
+    relevant = quantizer.relevant_algorithms()  # the others change nothing here (SmoothQuant on a CNN)
     if relevant and calibration_data is None:
         raise ConfigError(f"algorithm(s) {relevant} need calibration data: pass --calib-data PATH (or "
                           "calibration_data=...), or drop them from the config")

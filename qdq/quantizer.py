@@ -149,7 +149,7 @@ class Quantizer:
             logger.warning("algorithm(s) %s skipped: they need calibration data; call "
                            "quantizer.apply_algorithms(calibration_batches) before prepare() (qdq.quantize and the "
                            "CLI do)", relevant)
-        self.algorithm_notes.append(f"skipped without calibration data: {[a['name'] for a in self._pending_algorithms]}")
+            self.algorithm_notes.append(f"skipped without calibration data: {relevant}")
         self._pending_algorithms = []
 
     def apply_algorithms(self, batches: Any) -> list[str]:

@@ -26,13 +26,12 @@ import onnx_ir as ir
 
 from qdq.algorithms import Algorithm, register_algorithm
 from qdq.errors import ConfigError, DataError
+from qdq.passes.annotate import KEEP_FLOAT
 
 __all__ = ["KEEP_FLOAT", "SmoothQuant"]
 
 logger = logging.getLogger(__name__)
 
-#: Metadata key on nodes an algorithm inserted that must stay float (read by the annotate pass).
-KEEP_FLOAT = "qdq.keep_float"
 _NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
                     "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
 
@@ -102,8 +101,8 @@ class SmoothQuant(Algorithm):
         if not groups:
             return ["smoothquant: no MatMul/Gemm reads a " + ("normalized " if self.options["targets"] == "norm"
                                                               else "") + "activation; nothing smoothed"]
-        session = make_session(model, level="none", extra_outputs=list(groups), label="model (smoothquant pass)")
         fetch = list(groups)
+        session = make_session(model, level="none", extra_outputs=fetch, label="model (smoothquant pass)")
         amax: dict[str, np.ndarray] = {}
         count = 0
         for feeds in batches():
@@ -115,8 +114,8 @@ class SmoothQuant(Algorithm):
             count += 1
         if count == 0:
             raise DataError("smoothquant needs calibration data: the batches are empty")
-        if any(not np.all(np.isfinite(a)) for a in amax.values()):
-            bad = [k for k, a in amax.items() if not np.all(np.isfinite(a))]
+        bad = [k for k, a in amax.items() if not np.all(np.isfinite(a))]
+        if bad:
             raise DataError(f"smoothquant: activations {bad[:5]} have NaN/Inf on the calibration data; fix the data")
         alpha = self.options["alpha"]
         folded = inserted = 0
@@ -130,7 +129,7 @@ class SmoothQuant(Algorithm):
             scale = np.ones_like(a)
             scale[ok] = a[ok] ** alpha / wmax[ok] ** (1.0 - alpha)
             scale = np.clip(scale, 1e-5, 1e5).astype(np.float32)
-            if self._fold_into_norm(model, value, readers, scale):
+            if self._fold_into_norm(value, readers, scale):
                 folded += 1
             else:
                 self._insert_mul(model, value, readers, scale)
@@ -143,7 +142,7 @@ class SmoothQuant(Algorithm):
         return [note]
 
     @staticmethod
-    def _fold_into_norm(model: ir.Model, value: ir.Value, readers: list[_Reader], scale: np.ndarray) -> bool:
+    def _fold_into_norm(value: ir.Value, readers: list[_Reader], scale: np.ndarray) -> bool:
         node = value.producer()
         if node is None or node.op_type != "LayerNormalization" or value.is_graph_output():
             return False

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qdq.backends.capabilities import ExportBackend, check_plan
-from qdq.backends.lowering import BackendOptions, LegalizationNote, LoweredProgram
+from qdq.backends.lowering import DEPLOYMENT_TARGETS, BackendOptions, LegalizationNote, LoweredProgram
 from qdq.errors import BackendError, ConfigError
 from qdq.model_io import load_model
 from qdq.plan import QuantPlan
@@ -36,8 +36,6 @@ __all__ = ["SUFFIXES", "BackendArtifact", "backend_module", "backend_options", "
 
 _MODULES = {ExportBackend.CoreML: "qdq.backends.coreml", ExportBackend.CoreAI: "qdq.backends.coreai"}
 SUFFIXES = {ExportBackend.ONNXRuntime: ".onnx", ExportBackend.CoreML: ".mlpackage", ExportBackend.CoreAI: ".aimodel"}
-_TARGETS = ("iOS17", "iOS18")
-_PRECISIONS = ("float32", "float16")
 
 
 def is_torch_backend(backend: Any) -> bool:
@@ -60,15 +58,10 @@ def backend_options(options: BackendOptions | None = None, *, deployment_target:
     options = options or BackendOptions()
     changes: dict[str, Any] = {}
     if deployment_target is not None:
-        target = next((t for t in _TARGETS if t.lower() == str(deployment_target).lower()), None)
-        if target is None:
-            raise ConfigError(f"unknown deployment target {deployment_target!r}; choose {' or '.join(_TARGETS)}")
-        changes["deployment_target"] = target
+        target = str(deployment_target)  # case-insensitive; BackendOptions names the choices otherwise
+        changes["deployment_target"] = next((t for t in DEPLOYMENT_TARGETS if t.lower() == target.lower()), target)
     if compute_precision is not None:
-        precision = str(compute_precision).lower().replace("fp", "float")
-        if precision not in _PRECISIONS:
-            raise ConfigError(f"unknown compute precision {compute_precision!r}; choose {' or '.join(_PRECISIONS)}")
-        changes["compute_precision"] = precision
+        changes["compute_precision"] = str(compute_precision).lower().replace("fp", "float")
     for field, names in (("input_names", input_names), ("output_names", output_names)):
         if names is not None:
             seq = tuple(n.strip() for n in (names.split(",") if isinstance(names, str) else names))

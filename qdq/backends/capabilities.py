@@ -25,7 +25,8 @@ from qdq.dtypes import QDType
 from qdq.errors import BackendError, ConfigError
 from qdq.plan import QuantPlan
 
-__all__ = ["CAPABILITIES", "BackendCapabilities", "ExportBackend", "check_capabilities", "check_plan"]
+__all__ = ["CAPABILITIES", "BackendCapabilities", "ExportBackend", "check_capabilities", "check_plan",
+           "planned_tensors", "quantized_tensors"]
 
 
 class ExportBackend(enum.Enum):
@@ -71,7 +72,7 @@ CAPABILITIES: dict[ExportBackend, BackendCapabilities] = {
 }
 
 
-def _q_nodes(model: ir.Model) -> Iterator[tuple[str, str, QDType, str]]:
+def quantized_tensors(model: ir.Model) -> Iterator[tuple[str, str, QDType, str]]:
     """(tensor, role, dtype, granularity) of every QuantizeLinear / weight DequantizeLinear in ``model``."""
     for node in model.graph:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
@@ -97,18 +98,21 @@ def _q_nodes(model: ir.Model) -> Iterator[tuple[str, str, QDType, str]]:
 
 def check_capabilities(model: ir.Model, backend: ExportBackend) -> None:
     """Raise BackendError naming every quantized tensor of ``model`` that ``backend`` cannot run."""
-    _raise_unsupported(_problems(_q_nodes(model), backend), backend)
+    _raise_unsupported(_problems(quantized_tensors(model), backend), backend)
 
 
 def check_plan(plan: QuantPlan, backend: Any) -> None:
     """The same check on a plan, before any calibration: every planned (tensor, spec) pair must run on ``backend``."""
     backend = ExportBackend.parse(backend)
-    pairs = []
+    _raise_unsupported(_problems(planned_tensors(plan), backend), backend)
+
+
+def planned_tensors(plan: QuantPlan) -> Iterator[tuple[str, str, QDType, str]]:
+    """(tensor, role, dtype, granularity) of every planned QDQ pair (role "weight" or "activation")."""
     for t in plan.targets.values():
         gran = "per_block" if t.layout.block_size is not None else ("per_tensor" if t.layout.axis is None
                                                                     else "per_channel")
-        pairs.append((t.tensor, "weight" if t.kind in ("weight", "constant") else "activation", t.spec.dtype, gran))
-    _raise_unsupported(_problems(pairs, backend), backend)
+        yield t.tensor, "weight" if t.kind in ("weight", "constant") else "activation", t.spec.dtype, gran
 
 
 def _problems(pairs: Iterable[tuple[str, str, QDType, str]], backend: ExportBackend) -> dict[str, list[str]]:

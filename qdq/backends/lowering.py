@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from qdq.dtypes import QDType
+from qdq.errors import ConfigError
 from qdq.layout import QLayout
 
-__all__ = ["BackendOps", "BackendOptions", "LegalizationNote", "LoweredProgram", "SiteInfo"]
+__all__ = ["COMPUTE_PRECISIONS", "DEPLOYMENT_TARGETS", "BackendOps", "BackendOptions", "LegalizationNote", "LoweredProgram", "SiteInfo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,19 @@ class BackendOptions:
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
     dynamic_batch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.deployment_target not in DEPLOYMENT_TARGETS:
+            raise ConfigError(f"unknown deployment target {self.deployment_target!r}; "
+                              f"choose {' or '.join(DEPLOYMENT_TARGETS)}")
+        if self.compute_precision not in COMPUTE_PRECISIONS:
+            raise ConfigError(f"unknown compute precision {self.compute_precision!r}; "
+                              f"choose {' or '.join(COMPUTE_PRECISIONS)}")
+
+
+#: Core ML minimum deployment targets qdq converts for, and the compute precisions of the converted model.
+DEPLOYMENT_TARGETS = ("iOS17", "iOS18")
+COMPUTE_PRECISIONS = ("float32", "float16")
 
 
 class BackendOps(abc.ABC):

@@ -33,18 +33,23 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Set as AbstractSet
 
 import onnx_ir as ir
 
 from qdq.config import ModuleQuantizerConfig, QuantizerConfig
+from qdq.dtypes import QDType
 from qdq.errors import ConfigError
 from qdq.layout import QLayout, resolve_layout
 from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type, port_name
 from qdq.passes.value_ranges import ValueFacts
 from qdq.plan import QuantPlan, QuantTarget, TargetKind
-from qdq.spec import QScheme, QuantizationSpec
+from qdq.spec import PerChannelGranularity, QScheme, QuantizationSpec
 
-__all__ = ["annotate", "unquantized_nodes"]
+__all__ = ["KEEP_FLOAT", "annotate", "unquantized_nodes"]
+
+#: Node metadata key marking a node an algorithm inserted that the planner must leave float (a SmoothQuant Mul).
+KEEP_FLOAT = "qdq.keep_float"
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +233,7 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
     configs: dict[int, ModuleQuantizerConfig | None] = {}
     for node in graph:
         cfg, explicit = resolver.resolve(node)
-        if node.metadata_props.get("qdq.keep_float"):
+        if node.metadata_props.get(KEEP_FLOAT):
             cfg = None  # inserted by an algorithm (a SmoothQuant Mul): computed in float, never quantized
         supported = node.op_type in OP_TABLE or node.op_type in PASSTHROUGH_OPS or node.op_type in ACTIVATION_OPS
         if explicit and cfg is not None and not supported and node.name in resolver.by_name:
@@ -317,7 +322,7 @@ _FLOAT_OUTPUT_OK = _ELEMENTWISE | {"MatMul", "Gemm"}
 
 
 def _only_float_consumers(value: ir.Value, configs: dict[int, ModuleQuantizerConfig | None],
-                          float_islands: set[int] = frozenset(), _depth: int = 0) -> bool:  # type: ignore[assignment]
+                          float_islands: AbstractSet[int] = frozenset(), _depth: int = 0) -> bool:
     """True when no consumer of ``value`` reads it quantized (all are float ops such as LayerNormalization,
     element-wise ops of a float island, or pass-through ops - Gather, Reshape, ... - whose outputs only reach
     such ops)."""
@@ -358,9 +363,6 @@ def _float_islands(graph: ir.Graph, configs: dict[int, ModuleQuantizerConfig | N
 def _table_spec(spec: QuantizationSpec) -> QuantizationSpec:
     """An embedding table's spec: the weight spec when it is 8-bit integer per tensor / per row, else int8 per row
     (symmetric): Gather reads 8-bit tables only, and only whole rows are gathered."""
-    from qdq.dtypes import QDType
-    from qdq.spec import PerChannelGranularity
-
     kind = spec.granularity.to_dict()["type"]
     if spec.dtype in (QDType.INT8, QDType.UINT8) and kind in ("per_tensor", "per_channel"):
         return spec.replace(granularity=PerChannelGranularity()) if kind == "per_channel" else spec

@@ -75,6 +75,10 @@ def gather_then_dequantize(model: ir.Model) -> int:
             scale_v = _const(graph, f"{scale_v.name}_scalar", scale.reshape(()))
             if zp is not None:
                 zp_v = _const(graph, f"{zp_v.name}_scalar", zp.reshape(()))  # type: ignore[union-attr]
+        # per-row constants, once per table (a table may be read by several Gathers)
+        axes = _const(graph, f"{table.name}_last_axis", np.array([-1], np.int64)) if per_row else None
+        zf = (_const(graph, f"{table.name}_zero_points", zp.astype(np.float32).reshape(-1))
+              if per_row and zp is not None and np.any(zp) else None)
         for g in gathers:
             idx = g.inputs[1]
             out = g.outputs[0]
@@ -85,14 +89,13 @@ def gather_then_dequantize(model: ir.Model) -> int:
                             name=f"{g.name}_dequantize")
                 new_nodes.append(y)
             else:
-                axes = _const(graph, f"{g.name}_last_axis", np.array([-1], np.int64))
+                assert axes is not None
                 cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{g.name}_cast")
                 s_rows = ir.node("Gather", [scale_v, idx], attributes={"axis": 0}, name=f"{g.name}_scales")
                 s_col = ir.node("Unsqueeze", [s_rows.outputs[0], axes], name=f"{g.name}_scales_col")
                 new_nodes += [cast, s_rows, s_col]
                 value = cast.outputs[0]
-                if zp is not None and np.any(zp):
-                    zf = _const(graph, f"{g.name}_zero_points", zp.astype(np.float32).reshape(-1))
+                if zf is not None:
                     z_rows = ir.node("Gather", [zf, idx], attributes={"axis": 0}, name=f"{g.name}_zps")
                     z_col = ir.node("Unsqueeze", [z_rows.outputs[0], axes], name=f"{g.name}_zps_col")
                     sub = ir.node("Sub", [value, z_col.outputs[0]], name=f"{g.name}_centre")

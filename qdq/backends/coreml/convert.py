@@ -23,8 +23,6 @@ _DEQUANT_RANGE_ARGS = {  # op name -> index of quant_min (quant_max follows)
     "quantized_decomposed.dequantize_per_channel": 4,
     "torchao.dequantize_affine": 5,
 }
-_TARGETS = ("iOS17", "iOS18")
-_PRECISIONS = ("float32", "float16")
 
 
 def coremltools() -> Any:
@@ -53,17 +51,6 @@ def int4_op_names(program: Any) -> list[str]:
     return names
 
 
-def _options(lowered: LoweredProgram, options: BackendOptions | None) -> BackendOptions:
-    options = options or lowered.options
-    if options.deployment_target not in _TARGETS:
-        raise BackendError(f"unknown Core ML deployment target {options.deployment_target!r}; "
-                           f"choose {' or '.join(_TARGETS)}")
-    if options.compute_precision not in _PRECISIONS:
-        raise BackendError(f"unknown compute precision {options.compute_precision!r}; "
-                           f"choose {' or '.join(_PRECISIONS)}")
-    return options
-
-
 def convert(lowered: LoweredProgram, options: BackendOptions | None = None) -> Any:
     """``ct.convert`` the lowered ``ExportedProgram`` to an mlprogram ``MLModel`` (not loaded on Linux).
 
@@ -73,7 +60,7 @@ def convert(lowered: LoweredProgram, options: BackendOptions | None = None) -> A
     ct = coremltools()
     from qdq.backends.coreml import mil_passes
 
-    options = _options(lowered, options)
+    options = options or lowered.options  # BackendOptions checks its own target and precision
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.insert_pass(0, mil_passes.FOLD_PASS)
     pipeline.insert_pass(0, mil_passes.PIN_PASS)

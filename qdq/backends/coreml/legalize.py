@@ -19,11 +19,11 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from qdq.backends.capabilities import planned_tensors, quantized_tensors
 from qdq.backends.lowering import BackendOptions, LegalizationNote
 from qdq.backends.whole_blocks import whole_blocks
 from qdq.dtypes import QDType
 from qdq.errors import BackendError
-from qdq.passes._qdq_nodes import is_q, node_layout, quant_ir_dtype
 from qdq.plan import QuantPlan
 
 __all__ = ["legalize", "legalize_plan"]
@@ -35,11 +35,11 @@ _ACT_DTYPES = frozenset({QDType.INT8, QDType.UINT8})
 _INT4 = frozenset({QDType.INT4, QDType.UINT4})
 
 
-def _rule(tensor: str, weight: bool, dtype: QDType, gran: str, options: BackendOptions) -> str | None:
-    """Why Core ML cannot take this (tensor, spec), or None."""
+def _rule(tensor: str, role: str, dtype: QDType, gran: str, options: BackendOptions) -> str | None:
+    """Why Core ML cannot take this (tensor, spec), or None (``role``: "weight" or "activation")."""
     if dtype.is_float:
         return f"{dtype} (Core ML has no float8; use --backend coreai or an int8/int4 preset)"
-    if not weight:
+    if role != "weight":
         if dtype not in _ACT_DTYPES:
             return f"{dtype} activations (Core ML quantizes activations to int8/uint8 only)"
         if gran != "per_tensor":
@@ -65,10 +65,10 @@ def _raise(problems: dict[str, list[str]]) -> None:
     raise BackendError("coreml cannot convert " + "; ".join(parts))
 
 
-def _check(items: Iterable[tuple[str, bool, QDType, str]], options: BackendOptions) -> None:
+def _check(items: Iterable[tuple[str, str, QDType, str]], options: BackendOptions) -> None:
     problems: dict[str, list[str]] = {}
-    for tensor, weight, dtype, gran in items:
-        why = _rule(tensor, weight, dtype, gran, options)
+    for tensor, role, dtype, gran in items:
+        why = _rule(tensor, role, dtype, gran, options)
         if why is not None:
             problems.setdefault(why, []).append(tensor)
     _raise(problems)
@@ -76,33 +76,7 @@ def _check(items: Iterable[tuple[str, bool, QDType, str]], options: BackendOptio
 
 def legalize_plan(plan: QuantPlan, options: BackendOptions | None = None) -> None:
     """Refuse, before calibration, every planned spec Core ML cannot take (one BackendError naming them all)."""
-    options = options or BackendOptions()
-    items = []
-    for t in plan.targets.values():
-        gran = "per_block" if t.layout.block_size is not None else (
-            "per_tensor" if t.layout.axis is None else "per_channel")
-        items.append((t.tensor, t.kind in ("weight", "constant"), t.spec.dtype, gran))
-    _check(items, options)
-
-
-def _q_sites(model: ir.Model) -> list[tuple[ir.Node, str, bool, QDType, str]]:
-    sites = []
-    for node in model.graph:
-        if not is_q(node):
-            continue
-        try:
-            dtype = QDType.from_ir(quant_ir_dtype(node))
-        except KeyError:
-            continue
-        src = node.inputs[0]
-        kind = node.metadata_props.get("qdq.kind")
-        weight = kind in ("weight", "constant") if kind else (src is not None and src.const_value is not None)
-        rank = len(src.shape) if src is not None and src.shape is not None else 1
-        layout = node_layout(node, rank)
-        gran = "per_block" if layout.block_size else ("per_tensor" if layout.axis is None else "per_channel")
-        name = node.metadata_props.get("qdq.tensor") or (src.name if src is not None else node.name) or ""
-        sites.append((node, name, weight, dtype, gran))
-    return sites
+    _check(planned_tensors(plan), options or BackendOptions())
 
 
 def legalize(model: ir.Model, options: BackendOptions | None = None) -> list[LegalizationNote]:
@@ -111,9 +85,7 @@ def legalize(model: ir.Model, options: BackendOptions | None = None) -> list[Leg
     Raises BackendError naming every refused tensor before changing anything; returns a note per
     rewritten tensor.
     """
-    options = options or BackendOptions()
-    sites = _q_sites(model)
-    _check(((name, weight, dtype, gran) for _, name, weight, dtype, gran in sites), options)
+    _check(quantized_tensors(model), options or BackendOptions())
     notes = whole_blocks(model, "Core ML")
     for note in notes:
         logger.info("coreml legalization: %s", note)
