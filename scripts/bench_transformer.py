@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import minilm
+from _bench.timing import session, speedups
 from ptq_table import cpu_name, emit
 
 QDQ_PRESETS = ("int8", "int8-smoothquant", "w8", "w4")
@@ -62,17 +61,8 @@ def python_doc_sentences(min_words: int = 5) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _session(path: Path):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def embed(path: Path, data: dict[str, np.ndarray], batch: int = 16) -> np.ndarray:
-    s = _session(path)
+    s = session(path)
     n = len(data["input_ids"])
     return np.concatenate([s.run(None, {k: v[i:i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)])
 
@@ -85,20 +75,6 @@ def nn_agreement(ref: np.ndarray, test: np.ndarray) -> float:
         np.fill_diagonal(sims, -np.inf)
         return sims.argmax(1)
     return float((nearest(ref) == nearest(test)).mean())
-
-
-def speedups(fp32: Path, others: list[Path], batch: dict[str, np.ndarray], repeats: int) -> list[float]:
-    sessions = [_session(p) for p in [fp32, *others]]
-    times: list[list[float]] = [[] for _ in sessions]
-    for s in sessions:
-        s.run(None, batch)
-    for _ in range(repeats):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, batch)
-            times[i].append(time.perf_counter() - t0)
-    base = statistics.median(times[0])
-    return [base / statistics.median(t) for t in times[1:]]
 
 
 def ort_static(fp32: Path, calib: dict[str, np.ndarray], out: Path) -> Path:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,9 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: the _bench package
+
+from _bench.timing import speedups
 
 from models import efficientnet as eff
 from qdq.backends.ort_inspect import float_compute_nodes
@@ -79,29 +80,6 @@ def emit(text: str, out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def speedups(fp32: Path, others: list[Path], x: np.ndarray, repeats: int = 7) -> list[float]:
-    """FP32 time / model time at the batch of ``x``: interleaved runs, medians."""
-    sessions = [_session(p) for p in [fp32, *others]]
-    name = sessions[0].get_inputs()[0].name
-    times: list[list[float]] = [[] for _ in sessions]
-    for s in sessions:  # warm up
-        s.run(None, {name: x})
-    for _ in range(repeats):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, {name: x})
-            times[i].append(time.perf_counter() - t0)
-    base = statistics.median(times[0])
-    return [base / statistics.median(t) for t in times[1:]]
-
-
 def main() -> int:
     args = image_args(__doc__)
     if args is None:
@@ -112,7 +90,7 @@ def main() -> int:
         rows = ptq_rows(fp32, lambda: (calib_x[i:i + 32] for i in range(0, len(calib_x), 32)), eval_x, eval_y,
                         configs=CONFIGS, out_dir=work, progress=False)
         paths = sorted(work.glob("*-*.onnx"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-        speed = speedups(fp32, paths, eval_x[:32])
+        speed = speedups(fp32, paths, eval_x[:32], 7)
         floats = [len([n for n in float_compute_nodes(p) if n[1] in ("Conv", "Gemm")]) for p in paths]
     caption = (f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} ImageNet-sample images; "
                f"{datetime.date.today()}, {cpu_name()}, onnxruntime {ort.__version__}, "

@@ -9,6 +9,7 @@ from qdq.dtypes import QDType
 from qdq.layout import QLayout
 
 __all__ = [
+    "add_initializer",
     "const_array",
     "drop_if_unused",
     "is_dq",
@@ -91,6 +92,13 @@ def unique_initializer_name(graph: ir.Graph, base: str) -> str:
         name = f"{base}_{i}"
         i += 1
     return name
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named ``base`` (or ``base_N`` if taken); returns its value."""
+    value = ir.Value(name=unique_initializer_name(graph, base), const_value=ir.tensor(array))
+    graph.register_initializer(value)
+    return value
 
 
 def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> bool:

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qdq.passes._qdq_nodes import const_array, drop_if_unused, is_dq, unique_initializer_name
+from qdq.passes._qdq_nodes import add_initializer, const_array, drop_if_unused, is_dq
 
 __all__ = ["GatherThenDequantizePass", "gather_then_dequantize"]
 
@@ -49,12 +49,6 @@ def _rewritable(dq: ir.Node) -> list[ir.Node] | None:
     return gathers
 
 
-def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=unique_initializer_name(graph, base), const_value=ir.tensor(array))
-    graph.register_initializer(value)
-    return value
-
-
 def gather_then_dequantize(model: ir.Model) -> int:
     """Rewrite every ``DequantizeLinear(8-bit table) -> Gather`` of ``model`` in place; returns how many."""
     graph = model.graph
@@ -72,12 +66,12 @@ def gather_then_dequantize(model: ir.Model) -> int:
         zp = const_array(zp_v)
         per_row = scale.size != 1
         if not per_row and scale.ndim != 0:  # a [1] scale would read as per-axis on the gathered rows
-            scale_v = _const(graph, f"{scale_v.name}_scalar", scale.reshape(()))
+            scale_v = add_initializer(graph, f"{scale_v.name}_scalar", scale.reshape(()))
             if zp is not None:
-                zp_v = _const(graph, f"{zp_v.name}_scalar", zp.reshape(()))  # type: ignore[union-attr]
+                zp_v = add_initializer(graph, f"{zp_v.name}_scalar", zp.reshape(()))  # type: ignore[union-attr]
         # per-row constants, once per table (a table may be read by several Gathers)
-        axes = _const(graph, f"{table.name}_last_axis", np.array([-1], np.int64)) if per_row else None
-        zf = (_const(graph, f"{table.name}_zero_points", zp.astype(np.float32).reshape(-1))
+        axes = add_initializer(graph, f"{table.name}_last_axis", np.array([-1], np.int64)) if per_row else None
+        zf = (add_initializer(graph, f"{table.name}_zero_points", zp.astype(np.float32).reshape(-1))
               if per_row and zp is not None and np.any(zp) else None)
         for g in gathers:
             idx = g.inputs[1]

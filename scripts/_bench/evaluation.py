@@ -4,8 +4,6 @@ in onnxruntime's optimized graph, interleaved speed runs; the accuracy table and
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,20 +11,12 @@ from typing import Any
 import numpy as np
 
 from _bench.report import fmt_row
-from _bench.rows import EVAL_BATCH, FLOAT_CONV_OPS, ROWS, THREADS, Row, calib_folder
+from _bench.rows import EVAL_BATCH, FLOAT_CONV_OPS, ROWS, Row, calib_folder
 from _bench.steps import Step, quantize_rounds
+from _bench.timing import session
+from _bench.timing import speedups as timed_speedups
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def session(path: Path, threads: int = THREADS) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def logits_of(path: Path, x: np.ndarray) -> np.ndarray:
@@ -42,30 +32,14 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 def speedups(fp32: Path, models: dict[str, Path], x: np.ndarray, runs: dict[int, int]) -> dict[str, dict[int, float]]:
-    """median(FP32 time) / median(model time) per model and batch size.
-
-    Every model is timed in the same round-robin loop (FP32, model 1, model 2, ..., repeated), so
-    a slow spell of the machine hits all of them alike instead of the rows measured during it.
-    """
-    sessions = {"fp32": session(fp32), **{k: session(p) for k, p in models.items()}}
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    """median(FP32 time) / median(model time) per model and batch size (round-robin, see _bench.timing)."""
     out: dict[str, dict[int, float]] = {k: {} for k in models}
     for batch, count in runs.items():
         xb = np.ascontiguousarray(x[:batch])
         reps = max(1, 16 // batch)  # batch 1: time 16 inferences per sample, above timer noise
-        for k, sess in sessions.items():  # warm up
-            for _ in range(2):
-                sess.run(None, {names[k]: xb})
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(count):
-            for k, sess in sessions.items():
-                start = time.perf_counter()
-                for _ in range(reps):
-                    sess.run(None, {names[k]: xb})
-                times[k].append(time.perf_counter() - start)
-        base = statistics.median(times["fp32"])
-        for k in models:
-            out[k][batch] = base / statistics.median(times[k])
+        ratios = timed_speedups(fp32, list(models.values()), xb, count, runs_per_sample=reps)
+        for k, r in zip(models, ratios, strict=True):
+            out[k][batch] = r
     return out
 
 
