@@ -126,6 +126,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         def stream() -> Any:
             return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)[0]
 
+        quantizer.progress = progress
         for note in quantizer.apply_algorithms(stream):
             logger.info("%s", note)
     if quantizer.needs_data:

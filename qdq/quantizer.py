@@ -20,6 +20,7 @@ from onnx_ir.passes.common import NameFixPass
 from qdq.backends import ExportBackend, check_capabilities
 from qdq.calibration.base import QParamsCalculatorBase
 from qdq.calibration.channel_mean import ChannelMean
+from qdq.calibration.pinned import PinnedCalculator, PinnedQParams
 from qdq.calibration.runner import CalibrationRunner
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, DataError, ModelError
@@ -127,6 +128,8 @@ class Quantizer:
         self.prepared: PreparedModel | None = None
         self.algorithm_notes: list[str] = []
         self._pending_algorithms = list(self.config.algorithms)
+        self._pinned: dict[str, PinnedQParams] = {}  # weight qparams set by algorithms (GPTQ)
+        self.progress = True  # progress bars of algorithms (qdq.quantize / the CLI pass --quiet through)
         logger.info("plan: %s", self.plan.summary())
 
     # ------------------------------------------------------------------ algorithms
@@ -156,7 +159,7 @@ class Quantizer:
         """Run the config's algorithms on the float model with ``batches`` (calibration data: a list of
         batches, or a callable returning a fresh iterator of them), then re-plan. Call before :meth:`prepare`;
         :func:`qdq.quantize` and the CLI do. Returns the algorithms' notes."""
-        from qdq.algorithms import build_algorithm
+        from qdq.algorithms import AlgorithmContext, build_algorithm
         from qdq.calibration.runner import as_feeds
 
         if self.prepared is not None:
@@ -181,8 +184,12 @@ class Quantizer:
             return []
         model = self.float_model.clone()
         notes: list[str] = []
-        for algorithm in active:
-            notes += algorithm.apply(model, feeds)
+        plan = self.plan
+        for i, algorithm in enumerate(active):
+            if i:  # the previous algorithm edited the model: plan what it made
+                plan = annotate(model, self.config)
+            context = AlgorithmContext(plan=plan, pinned=self._pinned, progress=self.progress)
+            notes += algorithm.apply(model, feeds, context)
         self.float_model, self.plan = _upgraded_and_planned(model, self.config)
         self._bias_sites = bias_correction_sites(self.float_model, self.plan) if self.config.bias_correction else {}
         self._qdq_cache = self._session = None
@@ -232,6 +239,10 @@ class Quantizer:
             self._skip_unapplied_algorithms()
         for key, t in self.plan.targets.items():
             if t.shared_with is not None:
+                continue
+            pinned = self._pinned.get(t.tensor) if t.kind == "weight" else None
+            if pinned is not None and pinned.applies(t.spec, t.layout):
+                self._calculators[key] = PinnedCalculator(pinned)  # an algorithm chose this weight's grid
                 continue
             calc = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=t.kind == "weight")
             if t.kind != "activation":

@@ -29,7 +29,7 @@ import minilm
 from _bench.timing import session, speedups
 from ptq_table import cpu_name, emit
 
-QDQ_PRESETS = ("int8", "int8-smoothquant", "w8", "w4")
+QDQ_PRESETS = ("int8", "int8-smoothquant", "int8-gptq", "w8", "w4", "w4-gptq")
 
 
 def python_doc_sentences(min_words: int = 5) -> list[str]:

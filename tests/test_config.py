@@ -103,9 +103,14 @@ def test_none_disables_ports() -> None:
 
 
 def test_presets() -> None:
-    assert set(PRESETS) == {"int8", "int8-global-minmax", "int8-asymmetric", "int8-smoothquant", "fp8", "w8", "w4"}
-    assert preset("int8-smoothquant").algorithms == ({"name": "smoothquant", "alpha": 0.7, "targets": "norm"},)
-    assert preset("int8-smoothquant") == preset("int8")
+    assert set(PRESETS) == {"int8", "int8-global-minmax", "int8-asymmetric", "int8-smoothquant", "int8-gptq", "fp8",
+                            "w8", "w4", "w4-gptq"}
+    assert preset("int8").algorithms == ({"name": "smoothquant", "alpha": 0.7, "targets": "norm"},)
+    assert preset("int8-smoothquant").algorithms == ({"name": "smoothquant", "alpha": 0.8, "targets": "all"},)
+    gptq = {"name": "gptq", "damp": 0.01, "block": 128, "act_order": True, "sequential": False,
+            "bias_correction": True, "fetch_mb": 512}
+    assert preset("int8-gptq").algorithms[1] == gptq and preset("w4-gptq").algorithms == (gptq,)
+    assert preset("w4-gptq").global_config.op_state_spec["weight"].qscheme.value == "asymmetric"
     assert preset("fp8").global_config.op_input_spec["*"].dtype is QDType.FLOAT8_E4M3FN
     assert preset("w4").global_config.op_input_spec is None
     assert preset("int8").global_config.op_input_spec["*"].qscheme is QScheme.SYMMETRIC

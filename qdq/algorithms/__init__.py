@@ -8,21 +8,53 @@ notes; the quantizer then re-plans on the edited model. Register your own with :
 | name          | what it does                                                                       |
 |---------------|------------------------------------------------------------------------------------|
 | `smoothquant` | moves activation outliers into the weights of the MatMul/Gemm reading them (Xiao et al. 2023) |
+| `gptq`        | rounds MatMul/Gemm/Conv weights column by column, compensating each rounding error with the layer's input Hessian (Frantar et al. 2023) |
+
+An algorithm that needs to know how weights will be quantized reads ``context.plan`` (the current plan of the
+model it edits); one that fixes a weight's grid itself records it in ``context.pinned`` (tensor name ->
+:class:`~qdq.calibration.pinned.PinnedQParams`), and the quantizer uses those qparams for that weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
 
 from qdq.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "Algorithm", "build_algorithm", "parse_algorithm", "register_algorithm"]
+if TYPE_CHECKING:
+    from qdq.calibration.pinned import PinnedQParams
+    from qdq.plan import QuantPlan
+
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmContext", "build_algorithm", "parse_algorithm", "register_algorithm"]
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+Batches = Callable[[], Iterable[Mapping[str, Any]]]
+
+
+@dataclasses.dataclass
+class AlgorithmContext:
+    """What the quantizer tells an algorithm: the plan of the model it edits, and where to pin weight qparams."""
+
+    plan: QuantPlan
+    pinned: dict[str, PinnedQParams] = dataclasses.field(default_factory=dict)
+    progress: bool = True
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    return bool(value)
 
 
 class Algorithm:
@@ -40,7 +72,7 @@ class Algorithm:
         for key, (kind, default) in self.OPTIONS.items():
             value = options.get(key, default)
             try:
-                value = kind(value)
+                value = _as_bool(value) if kind is bool else kind(value)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"algorithm {self.name!r}: option {key} must be {kind.__name__}, "
                                   f"got {value!r}") from exc
@@ -54,8 +86,9 @@ class Algorithm:
         """Whether :meth:`apply` would change ``model`` (default: yes)."""
         return True
 
-    def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]]) -> list[str]:
-        """Edit ``model`` (a float model) in place; ``batches()`` streams calibration feeds. Returns notes."""
+    def apply(self, model: ir.Model, batches: Batches, context: AlgorithmContext | None = None) -> list[str]:
+        """Edit ``model`` (a float model) in place; ``batches()`` streams calibration feeds; ``context`` is given
+        by the quantizer (plan, pinned qparams). Returns notes."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,4 +136,4 @@ def parse_algorithm(text: str) -> Algorithm:
 
 
 def _load_builtins() -> None:
-    from qdq.algorithms import smoothquant  # noqa: F401  (registers itself)
+    from qdq.algorithms import gptq, smoothquant  # noqa: F401  (register themselves)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from qdq.algorithms import Algorithm, register_algorithm
+from qdq.algorithms import Algorithm, AlgorithmContext, register_algorithm
 from qdq.errors import ConfigError, DataError
 from qdq.passes.annotate import KEEP_FLOAT
 
@@ -94,7 +94,8 @@ class SmoothQuant(Algorithm):
     def applies_to(self, model: ir.Model) -> bool:
         return bool(self.groups(model))
 
-    def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]]) -> list[str]:
+    def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]],
+              context: AlgorithmContext | None = None) -> list[str]:
         from qdq.session import make_session
 
         groups = self.groups(model)
