@@ -183,6 +183,9 @@ class QuantizedActivation:
     reference: str  #: the float tensor x (same name in the FP32 model)
     quantized: str  #: the DequantizeLinear output
     node: str  #: the QuantizeLinear node name
+    #: a QuantizeLinear read only by integer kernels (MatMulIntegerToFloat): no DequantizeLinear to fetch, so the
+    #: session gets one (this node) producing ``quantized``
+    probe: onnx.NodeProto | None = None
 
 
 def find_quantized_activations(model: onnx.ModelProto) -> list[QuantizedActivation]:
@@ -198,13 +201,37 @@ def find_quantized_activations(model: onnx.ModelProto) -> list[QuantizedActivati
     for i, node in enumerate(graph.node):
         if node.op_type != "QuantizeLinear" or node.domain not in _QDQ_DOMAINS or node.input[0] in constants:
             continue
-        dq = next((c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        readers = consumers.get(node.output[0], [])
+        dq = next((c for c in readers if c.op_type == "DequantizeLinear"), None)
+        # qdq records the FP32 tensor name (a quantized graph output's float tensor is renamed).
+        meta = {p.key: p.value for p in node.metadata_props}
+        reference = meta.get("qdq.tensor", node.input[0])
+        name = node.name or f"QuantizeLinear_{i}"
         if dq is not None:
-            # qdq records the FP32 tensor name (a quantized graph output's float tensor is renamed).
-            meta = {p.key: p.value for p in node.metadata_props}
-            reference = meta.get("qdq.tensor", node.input[0])
-            found.append(QuantizedActivation(reference, dq.output[0], node.name or f"QuantizeLinear_{i}"))
+            found.append(QuantizedActivation(reference, dq.output[0], name))
+        elif readers and all(c.op_type in _INTEGER_READERS for c in readers):
+            out = f"{node.output[0]}__qdq_probe"
+            attrs = [a for a in node.attribute if a.name in ("axis", "block_size")]
+            probe = onnx.helper.make_node("DequantizeLinear", [node.output[0], *node.input[1:3]], [out],
+                                          name=f"{name}__probe")
+            probe.attribute.extend(attrs)
+            found.append(QuantizedActivation(reference, out, name, probe))
     return found
+
+
+#: Integer kernels that read a QuantizeLinear output directly (qdq's onnxruntime finalize makes them).
+_INTEGER_READERS = frozenset({"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QLinearConv", "QGemm"})
+
+
+def _with_probes(model: _Model, probes: Sequence[QuantizedActivation]) -> _Model:
+    """``model`` with the DequantizeLinear nodes of probes that need one (a copy; the model is not changed)."""
+    extra = [p.probe for p in probes if p.probe is not None]
+    if not extra:
+        return model
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.graph())
+    proto.graph.node.extend(extra)
+    return _Model(model.label, proto, proto)
 
 
 #: Ops whose [N, D] output is a feature vector (pooled, normalised), not class scores: no top-1 for them.
@@ -361,7 +388,7 @@ def compare(
             logger.warning("quantized tensors not found in the FP32 model: %s", ", ".join(p.reference for p in skipped))
     kw: dict[str, Any] = {"providers": providers, "level": level, "threads": intra_op_num_threads}
     fp_sess, fp_out = fp.session([p.reference for p in probes], **kw)
-    q_sess, q_out = q.session([p.quantized for p in probes], **kw)
+    q_sess, q_out = _with_probes(q, probes).session([p.quantized for p in probes], **kw)
     pairs = _pair_outputs(fp_out, q_out)
     label_arr = _labels(labels, data)
     fp_fetch = list(dict.fromkeys(fp_out + [p.reference for p in probes]))

@@ -120,3 +120,24 @@ def test_attention_bias_and_score_scale_live_in_the_integer_kernel(attention_onn
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
     cos = float(np.sum(got * ref) / np.linalg.norm(got) / np.linalg.norm(ref))
     assert cos > 0.999
+
+
+def test_per_layer_compare_still_sees_activations_read_by_the_fused_kernel(attention_onnx: Path, tmp_path: Path) -> None:
+    """A QuantizeLinear read only by MatMulIntegerToFloat has no DequantizeLinear; qdq compare --per-layer adds one to
+    its session, so every quantized activation of the finalized model is measured."""
+    import onnx
+
+    import qdq
+    from qdq.validate import compare, find_quantized_activations
+
+    calib = [RNG.standard_normal((4, 8, 16)).astype(np.float32) for _ in range(4)]
+    path = tmp_path / "int8.onnx"
+    qdq.quantize(attention_onnx, "int8", calib, output=path, progress=False)
+    proto = onnx.load(path)
+    probes = find_quantized_activations(proto)
+    activations = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"
+                   and n.input[0] not in {i.name for i in proto.graph.initializer}]
+    assert len(probes) == len(activations) and any(p.probe is not None for p in probes)
+    report = compare(attention_onnx, path, calib, per_layer=True, progress=False)
+    assert len(report.layers) == len(probes)
+    assert all(np.isfinite(m.sqnr_db) and m.sqnr_db > 10 for m in report.layers), report.format()
