@@ -1,4 +1,4 @@
-"""``qdq`` command line: quantize, compare, export, inspect, demo.
+"""``qdq`` command line: quantize, compare, report, export, inspect, demo.
 
 Errors print one line ``qdq: error: <problem and fix>`` on stderr; exit code 2 for usage and
 config errors, 1 for the rest, 130 for Ctrl-C and 143 for SIGTERM (no partial output either way).
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path, written atomically: .onnx (onnxruntime), .mlpackage (coreml), .aimodel (coreai)")
     _add_data_args(q, "--calib-data", required=False)
     group = q.add_mutually_exclusive_group()
-    group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, int8-asymmetric, int8-smoothquant, fp8, w8, w4")
+    group.add_argument("--preset", default=None, help="int8 (default), int8-global-minmax, int8-asymmetric, int8-smoothquant, int8-gptq, fp8, w8, "
+                            "w4, w4-gptq")
     group.add_argument("--config", default=None, help="YAML QuantizerConfig (coreai_opt semantics)")
     q.add_argument("--calibrator", default=None,
                    help="override every activation calculator (e.g. percentile, entropy, mse); keeps all else")
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run an algorithm pass on the calibration data before QDQ insertion (repeatable), "
                         "e.g. smoothquant:alpha=0.7; added after the config's own")
     q.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), coreml or coreai")
+    tgt = q.add_argument_group("accuracy target: leave the fewest ops float until it holds (writes OUT.fallback.yaml)")
+    tgts = tgt.add_mutually_exclusive_group()
+    tgts.add_argument("--target-agreement", type=float, default=None, metavar="PCT",
+                      help="top-1 agreement with FP32 in %% (class-score outputs), e.g. 99.5")
+    tgts.add_argument("--target-sqnr", type=float, default=None, metavar="DB", help="output SQNR vs FP32 in dB")
+    tgts.add_argument("--target-cosine", type=float, default=None, metavar="C", help="mean output cosine vs FP32")
+    tgt.add_argument("--holdout", type=int, default=256, metavar="N",
+                     help="measure the target on the first N calibration samples (default 256)")
     apple = q.add_argument_group("Core ML / Core AI conversion")
     apple.add_argument("--deployment-target", default=None,
                        help="Core ML minimum deployment target: iOS17 (default) or iOS18 (needed for int4 weights)")
@@ -128,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(c, "--data")
     c.add_argument("--labels", default=None, help=".npy or .txt of integer labels, one per sample")
     c.add_argument("--per-layer", action="store_true", help="SQNR of every quantized activation, worst first")
+
+    r = sub.add_parser("report", help="HTML/Markdown report: model metrics, isolated vs accumulated per-layer error, "
+                                      "qparams, per-layer time", parents=common)
+    r.add_argument("fp32_model")
+    r.add_argument("quant_model")
+    _add_data_args(r, "--data")
+    r.add_argument("--labels", default=None, help=".npy or .txt of integer labels, one per sample")
+    r.add_argument("-o", "--output", required=True, help="report path: .html (self-contained) or .md")
 
     e = sub.add_parser("export", help="export a PyTorch model to ONNX (dynamo exporter)", parents=common)
     source = e.add_mutually_exclusive_group(required=True)
@@ -173,26 +190,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              num_samples=args.num_samples, calibrator=args.calibrator, output=out, progress=not args.quiet,
              image_size=args.image_size, mean=args.mean, std=args.std, deployment_target=args.deployment_target,
              compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names,
-             algorithms=args.algorithm, tokenizer=args.tokenizer, seq_len=args.seq_len)
+             algorithms=args.algorithm, tokenizer=args.tokenizer, seq_len=args.seq_len,
+             target_agreement=args.target_agreement, target_sqnr=args.target_sqnr, target_cosine=args.target_cosine,
+             holdout=args.holdout, on_fallback=None if args.quiet else _print_fallback(out))
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
         print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend})")
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
+def _print_fallback(out: Path) -> Any:
+    def show(result: Any) -> None:
+        print(f"{_fresh_line()}{result.summary()}; config: {out.with_suffix('.fallback.yaml')}")
+    return show
+
+
+def _evaluation_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The --data of compare / report opened with the FP32 model's inputs, and the labels (--labels or folder)."""
     import numpy as np
 
     from qdq.data import image_labels, labels_from_file, open_data
+    from qdq.model_inputs import model_inputs
     from qdq.model_io import load_model
     from qdq.oneshot import check_options
-    from qdq.validate import compare, input_shapes
+    from qdq.validate import input_shapes
 
     check_options(batch_size=args.batch_size, num_samples=args.num_samples, image_size=args.image_size,
                   mean=args.mean, std=args.std)
     fp32 = load_model(args.fp32_model)
-    from qdq.model_inputs import model_inputs
-
     names = model_inputs(fp32)  # required inputs, dtypes and shapes: files are checked when opened
     data = open_data(args.data, names, image_size=args.image_size, mean=args.mean, std=args.std,
                      num_samples=args.num_samples, input_shapes=input_shapes(fp32), role="evaluation",
@@ -202,6 +227,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         labels = np.asarray(labels_from_file(args.labels))[: len(data)]
     else:  # image folders named "<label>_..." carry their labels
         labels = image_labels(args.data, args.num_samples) if Path(args.data).is_dir() else None
+    return data, labels
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from qdq.report import build_report, write_report
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".html", ".htm", ".md"):
+        from qdq.errors import ConfigError
+
+        raise ConfigError(f"-o {out.name}: a report is .html or .md")
+    data, labels = _evaluation_data(args)
+    report = build_report(args.fp32_model, args.quant_model, data, labels=labels, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    path = write_report(report, out)
+    worst = ", ".join(f"{r.name} ({r.op_type}) {r.isolated_db:.1f} dB" for r in report.worst_layers(3))
+    print(f"{_fresh_line()}wrote {path}: {len(report.layers)} layers, worst isolated: {worst}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from qdq.validate import compare
+
+    data, labels = _evaluation_data(args)
     report = compare(args.fp32_model, args.quant_model, data, labels=labels, per_layer=args.per_layer,
                      batch_size=args.batch_size, progress=not args.quiet)
     print(report.format())
@@ -262,7 +311,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": _cmd_quantize, "compare": _cmd_compare, "export": _cmd_export,
+_COMMANDS = {"quantize": _cmd_quantize, "compare": _cmd_compare, "report": _cmd_report, "export": _cmd_export,
              "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from qdq.backends import ExportBackend
 from qdq.backends.artifact import backend_options, check_backend_plan, check_suffix, is_torch_backend, require_converter
 from qdq.errors import ConfigError
 from qdq.model_check import external_locations
-from qdq.model_io import check_output_path, save
+from qdq.model_io import check_output_path, save, write_text
 from qdq.quantizer import Quantizer, as_config
 
 __all__ = ["check_options", "quantize"]
@@ -65,7 +65,10 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
              std: Sequence[float] | float | None = None, deployment_target: str | None = None,
              compute_precision: str | None = None, input_names: Sequence[str] | str | None = None,
              output_names: Sequence[str] | str | None = None, algorithms: Sequence[Any] | None = None,
-             tokenizer: str | os.PathLike[str] | None = None, seq_len: int | None = None) -> Any:
+             tokenizer: str | os.PathLike[str] | None = None, seq_len: int | None = None,
+             target_agreement: float | None = None, target_sqnr: float | None = None,
+             target_cosine: float | None = None, holdout: int = 256,
+             on_fallback: Callable[[Any], None] | None = None) -> Any:
     """Quantize ``model`` (path / ModelProto / onnx_ir.Model) and finalize it for ``backend``.
 
     ``config``: QuantizerConfig, mapping, YAML path or preset name (default ``int8``).
@@ -78,9 +81,20 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     ``compute_precision``, ``input_names``, ``output_names``: Core ML / Core AI conversion options (see
     :func:`qdq.backends.artifact.backend_options`). ``algorithms``: appended to the config's (e.g.
     ``["smoothquant:alpha=0.7"]``; run on the calibration data before QDQ insertion). ``tokenizer`` /
-    ``seq_len``: a ``.txt`` of sentences as calibration data (:mod:`qdq.data.text`). Returns an ``onnx_ir.Model`` for onnxruntime and a
+    ``seq_len``: a ``.txt`` of sentences as calibration data (:mod:`qdq.data.text`). ``target_agreement`` (top-1
+    agreement with FP32, %), ``target_sqnr`` (dB) or ``target_cosine``: leave the fewest ops float until the
+    model meets it on the first ``holdout`` calibration samples (:func:`qdq.fallback.search_fallback`; with
+    ``output``, the chosen config is written beside it as ``OUT.fallback.yaml``; ``on_fallback`` receives the
+    :class:`~qdq.fallback.FallbackResult`). Returns an ``onnx_ir.Model`` for onnxruntime and a
     :class:`~qdq.backends.artifact.BackendArtifact` for Core ML / Core AI.
     """
+    targets = {k: v for k, v in (("agreement", target_agreement), ("sqnr", target_sqnr),
+                                 ("cosine", target_cosine)) if v is not None}
+    if len(targets) > 1:
+        raise ConfigError(f"give one accuracy target, got {', '.join('--target-' + k for k in targets)}")
+    if targets and calibration_data is None:
+        raise ConfigError("an accuracy target is measured on calibration samples: pass --calib-data PATH")
+    _positive("holdout (--holdout)", holdout)
     check_options(batch_size=batch_size, num_samples=num_samples, image_size=image_size, mean=mean, std=std)
     _positive("seq_len (--seq-len)", seq_len)
     text = {"tokenizer": tokenizer, "seq_len": seq_len}
@@ -118,10 +132,10 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     if relevant and calibration_data is None:
         raise ConfigError(f"algorithm(s) {relevant} need calibration data: pass --calib-data PATH (or "
                           "calibration_data=...), or drop them from the config")
+    if (relevant or targets) and not isinstance(calibration_data, (str, bytes)) \
+            and not hasattr(calibration_data, "__fspath__") and iter(calibration_data) is calibration_data:
+        calibration_data = list(calibration_data)  # a one-shot iterator: it is read more than once
     if relevant:
-        if not isinstance(calibration_data, (str, bytes)) and not hasattr(calibration_data, "__fspath__") \
-                and iter(calibration_data) is calibration_data:
-            calibration_data = list(calibration_data)  # a one-shot iterator: the algorithms and calibration both read it
 
         def stream() -> Any:
             return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)[0]
@@ -144,12 +158,50 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     quantizer.prepare()
     if batches is not None:
         quantizer.calibrate(batches, total=total, progress=progress)
+    fallback = None
+    if targets:
+        from qdq.fallback import search_fallback
+
+        (metric, value), = targets.items()
+        fresh = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)[0]
+        measure = _first_samples(fresh, quantizer, holdout)
+        fallback = search_fallback(quantizer, measure, metric=metric, target=float(value), progress=progress)
+        quantizer = fallback.quantizer
+        check_backend_plan(quantizer.plan, backend, options)
+        if on_fallback is not None:
+            on_fallback(fallback)
     final = quantizer.finalize(backend, options=options) if torch_backend else quantizer.finalize(backend)
     for note in getattr(final, "notes", []):
         logger.warning("%s legalization: %s", backend.value, note)
     if output is not None:
         save(final, output)
+        if fallback is not None:
+            write_text(Path(output).with_suffix(".fallback.yaml"), _fallback_yaml(fallback))
     return final
+
+
+def _first_samples(batches: Any, quantizer: Quantizer, count: int) -> list[dict[str, Any]]:
+    """Feeds of the first ``count`` samples of ``batches`` (the fallback search's measurement set)."""
+    from qdq.model_inputs import model_inputs
+
+    inputs = model_inputs(quantizer.float_model)
+    out: list[dict[str, Any]] = []
+    seen = 0
+    for batch in batches:
+        feeds = inputs.feeds(batch, "calibration batch")
+        n = inputs.batch_len(feeds) or 1
+        take = min(n, count - seen)
+        out.append({k: (v[:take] if getattr(v, "ndim", 0) and len(v) == n else v) for k, v in feeds.items()})
+        seen += take
+        if seen >= count:
+            break
+    return out
+
+
+def _fallback_yaml(result: Any) -> str:
+    head = (f"# qdq fallback: {result.summary()}\n"
+            "# the ops left float are op_name_configs entries set to null; pass this file back with --config\n")
+    return head + result.config.to_yaml()
 
 
 def _input_shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...] | None]:

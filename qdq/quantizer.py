@@ -130,6 +130,7 @@ class Quantizer:
         self._pending_algorithms = list(self.config.algorithms)
         self._pinned: dict[str, PinnedQParams] = {}  # weight qparams set by algorithms (GPTQ)
         self.progress = True  # progress bars of algorithms (qdq.quantize / the CLI pass --quiet through)
+        self.missing_statistics: list[str] = []  # replan(): activation targets with no calibration yet
         logger.info("plan: %s", self.plan.summary())
 
     # ------------------------------------------------------------------ algorithms
@@ -238,19 +239,8 @@ class Quantizer:
         if self._pending_algorithms:
             self._skip_unapplied_algorithms()
         for key, t in self.plan.targets.items():
-            if t.shared_with is not None:
-                continue
-            pinned = self._pinned.get(t.tensor) if t.kind == "weight" else None
-            if pinned is not None and pinned.applies(t.spec, t.layout):
-                self._calculators[key] = PinnedCalculator(pinned)  # an algorithm chose this weight's grid
-                continue
-            calc = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=t.kind == "weight")
-            if t.kind != "activation":
-                value = self.float_model.graph.initializers.get(t.tensor)
-                tensor = value.const_value if value is not None and value.const_value is not None \
-                    else self._constant(t.tensor)
-                calc.observe(np.asarray(tensor.numpy(), np.float32))
-            self._calculators[key] = calc
+            if t.shared_with is None:
+                self._calculators[key] = self._new_calculator(t)
         self._runner = None
         if example_inputs is not None:
             self._observe(example_inputs)
@@ -258,6 +248,54 @@ class Quantizer:
         self._qdq_cache = None
         self.prepared = PreparedModel(self)
         return self.prepared
+
+    def _new_calculator(self, t: QuantTarget) -> QParamsCalculatorBase:
+        """A target's calculator; weights and constants have already observed their tensor."""
+        pinned = self._pinned.get(t.tensor) if t.kind == "weight" else None
+        if pinned is not None and pinned.applies(t.spec, t.layout):
+            return PinnedCalculator(pinned)  # an algorithm chose this weight's grid
+        calc = QParamsCalculatorBase.create(t.spec, t.layout, is_weight=t.kind == "weight")
+        if t.kind != "activation":
+            value = self.float_model.graph.initializers.get(t.tensor)
+            tensor = value.const_value if value is not None and value.const_value is not None \
+                else self._constant(t.tensor)
+            calc.observe(np.asarray(tensor.numpy(), np.float32))
+        return calc
+
+    def replan(self, config: Any) -> Quantizer:
+        """A quantizer for ``config`` on this one's float model (its algorithms already applied) that reuses the
+        statistics collected here: every target planned again with the same key, tensor, spec and layout keeps its
+        calibrated calculator (activation ranges, pinned weight grids), bias correction its channel means; weights
+        get their grid from the weight. Nothing is recalibrated, this quantizer is not changed.
+        :attr:`missing_statistics` lists activation targets new to ``config`` (they need calibration)."""
+        import copy
+
+        self._require_prepared()
+        new = Quantizer(self.float_model, config)
+        new._pending_algorithms = []  # the float model already carries this quantizer's algorithms
+        new._pinned = dict(self._pinned)
+        new.progress = self.progress
+        new._example_feeds = self._example_feeds
+        new.algorithm_notes = list(self.algorithm_notes)
+        missing: list[str] = []
+        for key, t in new.plan.targets.items():
+            if t.shared_with is not None:
+                continue
+            old = self.plan.targets.get(key)
+            if (old is not None and old.shared_with is None and key in self._calculators and old.tensor == t.tensor
+                    and old.spec == t.spec and old.layout == t.layout):
+                new._calculators[key] = copy.deepcopy(self._calculators[key])
+            elif t.kind == "activation":
+                missing.append(key)
+                new._calculators[key] = self._new_calculator(t)
+            else:
+                new._calculators[key] = new._new_calculator(t)
+        new._means = {k: copy.deepcopy(m) for k, m in self._means.items()} if new.config.bias_correction else {}
+        if not self.config.bias_correction:
+            new._bias_sites = {}  # no channel means were collected
+        new.missing_statistics = missing
+        new.prepared = PreparedModel(new)
+        return new
 
     def _constant(self, name: str) -> ir.TensorProtocol:
         for node in self.float_model.graph:

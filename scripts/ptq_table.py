@@ -33,7 +33,9 @@ from qdq.demo import ptq_rows
 from qdq.torch_export import export
 
 CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-global-minmax)": "int8-global-minmax",
-           "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4"}
+           "W8A8 + GPTQ (int8-gptq)": "int8-gptq",
+           "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4",
+           "W4 asymmetric + GPTQ (w4-gptq)": "w4-gptq"}
 
 
 def cpu_name() -> str:

@@ -11,6 +11,8 @@ onnxruntime (CPU, ``ORT_ENABLE_ALL``), in order:
    :class:`GatherThenDequantizePass` - embedding tables stay integer: rows gathered, then dequantized.
    :class:`MatMulIntegerToFloatPass` - an 8-bit QDQ MatMul with the bias Add / scalar Mul after it as one
    ``MatMulIntegerToFloat`` (onnxruntime's static fusion leaves them as float passes).
+   :class:`KeepFloatWeightsPass` - a Conv/Gemm the config leaves float reads its own per-channel copy of its
+   input DQ (same values), so onnxruntime's WeightBiasQuantization does not quantize its weight per tensor.
 5. :class:`FoldActivationClipPass` - Relu / Clip before a Q dropped or moved onto the integers,
    so Conv meets its Q (exact).
 6. :class:`StripMetadataPass` - qdq metadata kept on activation Q nodes only; exporter debug info dropped.
@@ -34,6 +36,7 @@ from qdq.passes.fold_activation_clip import FoldActivationClipPass
 from qdq.passes.fold_weights import FoldWeightsPass
 from qdq.passes.fp8_activations_as_casts import Fp8ActivationsAsCastsPass
 from qdq.passes.gather_then_dequantize import GatherThenDequantizePass
+from qdq.passes.keep_float_weights import KeepFloatWeightsPass
 from qdq.passes.matmul_integer_to_float import MatMulIntegerToFloatPass
 from qdq.passes.quantize_bias import QuantizeBiasPass
 from qdq.passes.strip_metadata import StripMetadataPass
@@ -53,6 +56,7 @@ def finalize_passes(backend: ExportBackend) -> list[ir.passes.InPlacePass]:
             QuantizeBiasPass(),
             GatherThenDequantizePass(),
             MatMulIntegerToFloatPass(),
+            KeepFloatWeightsPass(),
             FoldActivationClipPass(),
             StripMetadataPass(),
         ]

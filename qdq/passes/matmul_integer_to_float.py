@@ -153,19 +153,20 @@ def fuse_matmul_integer_to_float(model: ir.Model) -> int:
                   dq_b.inputs[2] if len(dq_b.inputs) > 2 else None, bias_v]
         while inputs[-1] is None:
             inputs.pop()
-        fused = ir.node("MatMulIntegerToFloat", inputs, domain=_MS, name=f"{mm.name}_integer")
+        fused = ir.node("MatMulIntegerToFloat", inputs, domain=_MS)  # named after the MatMul below
         graph.insert_before(mm, fused)
         last = absorbed[-1].outputs[0]
         y = fused.outputs[0]
         y.dtype, y.shape = ir.DataType.FLOAT, last.shape
         last.replace_all_uses_with(y, replace_graph_outputs=True)
-        name = last.name
+        name, node_name = last.name, mm.name
         for node in reversed([mm, *absorbed]):
             consts = [v for v in node.inputs if v is not None and v.const_value is not None]
             graph.remove(node, safe=True)
             for v in consts:
                 drop_if_unused(graph, v)
         y.name = name
+        fused.name = node_name  # the op name configs and reports use
         for dq in (dq_a, dq_b):
             if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
                 graph.remove(dq, safe=True)

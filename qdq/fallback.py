@@ -1,0 +1,206 @@
+"""Automatic fallback to an accuracy target: leave the fewest ops float until the quantized model meets it.
+
+:func:`search_fallback` takes a calibrated :class:`~qdq.quantizer.Quantizer` and measurement batches (the
+first calibration samples: ``qdq quantize --target-agreement 99.5`` uses ``--holdout`` of them):
+
+1. **Sensitivity.** For every quantized op (every node a target was planned for) the model is re-planned
+   with that op alone left float (``op_name_configs: {op: null}``) and measured; its output SQNR ranks the
+   ops (a continuous proxy: agreement on a few hundred samples moves in steps of one sample). Re-planning reuses the collected statistics (:meth:`Quantizer.replan`): no candidate
+   is ever recalibrated, and one that would need new statistics is not a candidate.
+2. **Fewest ops.** The smallest prefix of that ranking that meets the target (binary search), then every
+   chosen op is tried back quantized and dropped from the set if the target still holds.
+
+Metrics on the model's first output against FP32: ``agreement`` (top-1 agreement, %, classifier outputs
+``[N, classes]``), ``sqnr`` (dB) or ``cosine`` (mean per sample). Candidates run finalized for onnxruntime, with its full
+optimization (its int8 kernels: what ships); the result is the config (base + ``op_name_configs``
+entries a user can read, edit and pass back with ``--config``) and its quantizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from qdq.backends import ExportBackend
+from qdq.config import QuantizerConfig
+from qdq.errors import ConfigError, DataError
+from qdq.progress import progress_bar
+from qdq.quantizer import Quantizer
+from qdq.session import make_session
+
+__all__ = ["METRICS", "FallbackResult", "search_fallback"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("agreement", "sqnr", "cosine")
+
+
+@dataclasses.dataclass
+class FallbackResult:
+    metric: str
+    target: float
+    before: float  #: the fully quantized model
+    after: float  #: with ``ops`` left float
+    ops: list[str]  #: left float, in graph order
+    candidates: int  #: quantized ops considered
+    evaluations: int
+    config: QuantizerConfig
+    quantizer: Quantizer
+    speed_cost: float | None = None  #: time with fallback / time fully quantized (onnxruntime, one batch)
+    sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)  #: output SQNR, only that op float
+
+    @property
+    def reached(self) -> bool:
+        return self.after >= self.target
+
+    def summary(self) -> str:
+        unit = {"agreement": " %", "sqnr": " dB", "cosine": ""}[self.metric]
+        fmt = "{:.4f}" if self.metric == "cosine" else "{:.2f}"
+        head = (f"target {self.metric} >= {fmt.format(self.target)}{unit}: "
+                f"{fmt.format(self.before)} -> {fmt.format(self.after)}{unit} with {len(self.ops)} of "
+                f"{self.candidates} quantized ops float")
+        if not self.reached:
+            head += " (not reached: no candidate set meets it)"
+        speed = "" if self.speed_cost is None else f"; time x{self.speed_cost:.2f} of the fully quantized model"
+        ops = f": {', '.join(self.ops)}" if self.ops else ""
+        return head + ops + speed + f" ({self.evaluations} evaluations)"
+
+
+def _score(metric: str, ref: np.ndarray, out: np.ndarray) -> float:
+    if metric == "agreement":
+        return float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100)
+    if metric == "sqnr":
+        noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
+        return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise))
+    r = ref.reshape(len(ref), -1).astype(np.float64)
+    o = out.reshape(len(out), -1).astype(np.float64)
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+    return float(np.mean(np.sum(r * o, axis=1) / np.maximum(denom, 1e-30)))
+
+
+class _Evaluator:
+    def __init__(self, quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndarray]], metric: str) -> None:
+        if metric not in METRICS:
+            raise ConfigError(f"fallback metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if not batches:
+            raise DataError("the fallback search needs measurement samples: the calibration data is empty")
+        self.batches = [dict(b) for b in batches]
+        self.metric = metric
+        self.count = 0
+        ref = self._outputs(make_session(quantizer.float_model, label="FP32 model"))
+        if metric == "agreement" and (ref.ndim != 2 or ref.shape[-1] < 2):
+            raise ConfigError(f"--target-agreement needs class scores [N, classes] as the first output (got shape "
+                              f"{list(ref.shape)}); use --target-sqnr or --target-cosine")
+        self.ref = ref
+
+    def _outputs(self, session: Any) -> np.ndarray:
+        name = session.get_outputs()[0].name
+        return np.concatenate([np.asarray(session.run([name], b)[0], np.float32) for b in self.batches])
+
+    @staticmethod
+    def _session(quantizer: Quantizer) -> Any:
+        # the finalized model: what ships (a prepared float8 QDQ graph is mis-fused by onnxruntime's optimizer)
+        return make_session(quantizer.finalize(ExportBackend.ONNXRuntime), label="candidate")
+
+    def __call__(self, quantizer: Quantizer) -> tuple[float, float]:
+        """(the target metric, output SQNR): SQNR ranks candidates (agreement on a few hundred samples moves
+        in steps of one sample)."""
+        self.count += 1
+        out = self._outputs(self._session(quantizer))
+        return _score(self.metric, self.ref, out), _score("sqnr", self.ref, out)
+
+    def seconds(self, quantizer: Quantizer, repeats: int = 5) -> float:
+        session = self._session(quantizer)
+        feeds = self.batches[0]
+        session.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def _with_float_ops(config: QuantizerConfig, ops: Sequence[str]) -> QuantizerConfig:
+    names = dict(config.op_name_configs)
+    for op in ops:
+        names[op] = None
+    return dataclasses.replace(config, op_name_configs=names)
+
+
+def quantized_ops(quantizer: Quantizer) -> list[str]:
+    """Node names a target was planned for, in graph order (what a fallback can leave float)."""
+    asked = {op for t in quantizer.plan.targets.values() for op in t.ops}
+    return [n.name for n in quantizer.float_model.graph if n.name in asked]
+
+
+def search_fallback(quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndarray]], *, metric: str,
+                    target: float, progress: bool = True, measure_speed: bool = True,
+                    on_progress: Callable[[str], None] | None = None) -> FallbackResult:
+    """The fewest ops of ``quantizer``'s config to leave float so that ``metric`` >= ``target`` on ``batches``."""
+    evaluate = _Evaluator(quantizer, batches, metric)
+    base_cfg = quantizer.config
+    before, _ = evaluate(quantizer)
+    ops = quantized_ops(quantizer)
+    cache: dict[frozenset[str], tuple[float, Quantizer] | None] = {frozenset(): (before, quantizer)}
+    sqnr: dict[frozenset[str], float] = {}
+
+    def trial(chosen: Sequence[str]) -> tuple[float, Quantizer] | None:
+        key = frozenset(chosen)
+        if key not in cache:
+            candidate = quantizer.replan(_with_float_ops(base_cfg, chosen))
+            if candidate.missing_statistics:
+                cache[key] = None
+            else:
+                score, sqnr[key] = evaluate(candidate)
+                cache[key] = (score, candidate)
+        return cache[key]
+
+    result = FallbackResult(metric, target, before, before, [], len(ops), 0, base_cfg, quantizer)
+    if before >= target or not ops:
+        result.evaluations = evaluate.count
+        return result
+    sensitivity: dict[str, float] = {}  # output SQNR with only that op float
+    for op in progress_bar(ops, desc="sensitivity", unit="op", disable=not progress):
+        if trial([op]) is not None:
+            sensitivity[op] = sqnr[frozenset([op])]
+    ranked = sorted(sensitivity, key=lambda op: -sensitivity[op])
+    lo, hi = 1, len(ranked)
+    best: list[str] | None = None
+    top = trial(ranked)
+    if top is None or top[0] < target:
+        chosen = ranked if top is not None else []
+        score = top[0] if top is not None else before
+    else:
+        while lo < hi:  # smallest k whose top-k prefix meets the target
+            mid = (lo + hi) // 2
+            t = trial(ranked[:mid])
+            if t is not None and t[0] >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        best = ranked[:lo]
+        for op in list(best)[::-1]:  # minimal: an op whose removal keeps the target goes back to quantized
+            rest = [o for o in best if o != op]
+            t = trial(rest)
+            if t is not None and t[0] >= target:
+                best = rest
+        chosen = best
+        score = trial(best)[0]  # type: ignore[index]
+    final = trial(chosen)
+    assert final is not None
+    order = {op: i for i, op in enumerate(ops)}
+    chosen = sorted(chosen, key=order.__getitem__)
+    result = FallbackResult(metric, target, before, score, chosen, len(ops), evaluate.count,
+                            _with_float_ops(base_cfg, chosen), final[1], sensitivity=sensitivity)
+    if measure_speed and chosen:
+        result.speed_cost = evaluate.seconds(final[1]) / evaluate.seconds(quantizer)
+    result.evaluations = evaluate.count
+    logger.info("fallback: %s", result.summary())
+    return result

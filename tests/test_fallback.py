@@ -1,0 +1,123 @@
+"""Automatic fallback to an accuracy target, and float ops that stay float in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import qdq
+from qdq import ConfigError, QuantizerConfig
+from qdq.backends.ort_inspect import optimized_model
+from qdq.fallback import _with_float_ops, search_fallback
+from qdq.quantizer import Quantizer
+
+
+def _calibrated(path: Path, x: np.ndarray, config: object = "int8") -> Quantizer:
+    q = Quantizer(path, config)
+    q.prepare()
+    q.calibrate([x[i:i + 64] for i in range(0, len(x), 64)], progress=False)
+    return q
+
+
+def test_a_float_conv_stays_float_in_onnxruntime(digits_onnx, digits_data, tmp_path: Path) -> None:
+    """onnxruntime quantizes a float Conv's weight per tensor when its input is dequantized (WeightBiasQuantization);
+    the finalized model gives that Conv a per-channel DQ of its own, so it runs float: its weight stays float32 in
+    onnxruntime's optimized graph, the other Convs are integer kernels, and no value changes."""
+    import onnx_ir as ir
+
+    from qdq.validate import compare
+
+    x = digits_data[0][:256]
+    conv = [n.name for n in ir.load(digits_onnx).graph if n.op_type == "Conv"][1]
+    path = tmp_path / "one_float.onnx"
+    qdq.quantize(digits_onnx, QuantizerConfig.from_dict({"op_name_configs": {conv: None}}), [x], output=path,
+                 progress=False)
+    opt = optimized_model(path)
+    inits = {t.name: t for t in opt.graph.initializer}
+    kinds = [n.op_type for n in opt.graph.node]
+    assert kinds.count("QLinearConv") == 2, kinds
+    float_convs = [n for n in opt.graph.node if n.op_type in ("Conv", "FusedConv")]
+    assert len(float_convs) == 1 and inits[float_convs[0].input[1]].data_type == onnx.TensorProto.FLOAT
+    fast = compare(digits_onnx, path, x[:128], progress=False).outputs[0].sqnr_db
+    exact = compare(digits_onnx, path, x[:128], progress=False, optimization="none").outputs[0].sqnr_db
+    assert abs(fast - exact) < 0.5, (fast, exact)
+
+
+def test_fallback_reaches_the_target_with_a_minimal_set(digits_onnx, digits_data) -> None:
+    x = digits_data[0][:512]
+    q = _calibrated(digits_onnx, x)
+    measure = [{"x": x[i:i + 128]} for i in range(0, 256, 128)]
+    base = search_fallback(q, measure, metric="sqnr", target=0.0, progress=False)
+    assert base.ops == [] and base.evaluations == 1  # already met: nothing float, one evaluation
+    target = base.before + 3.0
+    r = search_fallback(q, measure, metric="sqnr", target=target, progress=False)
+    assert r.reached and r.after >= target > r.before and 0 < len(r.ops) < r.candidates
+    assert r.speed_cost is not None and r.speed_cost > 0
+    assert set(r.sensitivity) <= set(r.ops) | set(r.sensitivity)
+    for op in r.ops:  # minimal: quantizing any chosen op again misses the target
+        rest = [o for o in r.ops if o != op]
+        again = search_fallback(q.replan(_with_float_ops(q.config, rest)), measure, metric="sqnr", target=-1e9,
+                                progress=False)
+        assert again.before < target
+    assert r.quantizer.config.op_name_configs == {op: None for op in r.ops}
+    assert q.config.op_name_configs == {}  # the calibrated quantizer is untouched
+
+
+def test_replan_reuses_statistics_and_equals_a_fresh_run(digits_onnx, digits_data) -> None:
+    """Re-planning a calibrated quantizer with a float op gives the model a fresh quantize with that config gives
+    (same data): no recalibration, same integers."""
+    import onnx_ir as ir
+
+    x = digits_data[0][:256]
+    q = _calibrated(digits_onnx, x)
+    conv = next(n.name for n in ir.load(digits_onnx).graph if n.op_type == "Conv")
+    cfg = _with_float_ops(q.config, [conv])
+    replanned = q.replan(cfg)
+    assert replanned.missing_statistics == []
+    fresh = _calibrated(digits_onnx, x, cfg)
+    a, b = (ir.serde.serialize_model(m.finalize()) for m in (replanned, fresh))
+    ia = {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in a.graph.initializer}
+    ib = {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in b.graph.initializer}
+    assert ia == ib and len(a.graph.node) == len(b.graph.node)
+
+
+def test_cli_target_writes_a_config_that_reproduces_the_model(digits_onnx, digits_data, tmp_path: Path,
+                                                              capsys) -> None:
+    from qdq.cli import main
+
+    x = digits_data[0][:384]
+    np.save(tmp_path / "calib.npy", x)
+    out = tmp_path / "q.onnx"
+    q = _calibrated(digits_onnx, x)
+    base = search_fallback(q, [{"x": x[:256]}], metric="sqnr", target=0.0, progress=False).before
+    assert main(["quantize", str(digits_onnx), "-o", str(out), "--calib-data", str(tmp_path / "calib.npy"),
+                 "--target-sqnr", f"{base + 2:.2f}", "--holdout", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "target sqnr >=" in printed and "q.fallback.yaml" in printed
+    yaml = tmp_path / "q.fallback.yaml"
+    cfg = QuantizerConfig.from_yaml(yaml)
+    assert cfg.op_name_configs and all(v is None for v in cfg.op_name_configs.values())
+    again = tmp_path / "again.onnx"
+    assert main(["quantize", str(digits_onnx), "-o", str(again), "--calib-data", str(tmp_path / "calib.npy"),
+                 "--config", str(yaml), "--quiet"]) == 0
+    a, b = onnx.load(out), onnx.load(again)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert {t.name: t.raw_data for t in a.graph.initializer} == {t.name: t.raw_data for t in b.graph.initializer}
+
+
+def test_target_errors_are_one_line(digits_onnx, digits_data, attention_onnx, tmp_path: Path) -> None:
+    x = digits_data[0][:64]
+    with pytest.raises(ConfigError, match="one accuracy target"):
+        qdq.quantize(digits_onnx, "int8", [x], progress=False, target_sqnr=30, target_cosine=0.99)
+    with pytest.raises(ConfigError, match="calib-data"):
+        qdq.quantize(digits_onnx, "w8", None, progress=False, target_sqnr=30)
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((4, 8, 16)).astype(np.float32) for _ in range(2)]
+    with pytest.raises(ConfigError, match="class scores"):
+        qdq.quantize(attention_onnx, "int8", calib, progress=False, target_agreement=99.0)
+    r = []
+    qdq.quantize(attention_onnx, "int8", calib, progress=False, target_cosine=0.5, on_fallback=r.append)
+    assert r[0].reached and r[0].ops == []

@@ -1,0 +1,120 @@
+"""qdq report: isolated vs accumulated per-layer error, qparams, profiling, a page that opens in a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qdq
+from qdq.errors import ConfigError, ModelError
+from qdq.report import build_report, write_report
+
+
+@pytest.fixture(scope="module")
+def digits_report(digits_onnx, digits_data, tmp_path_factory):
+    x_tr, _, x_te, y_te = digits_data
+    out = tmp_path_factory.mktemp("report") / "int8.onnx"
+    qdq.quantize(digits_onnx, "int8", [x_tr[:256]], output=out, progress=False)
+    return out, build_report(digits_onnx, out, x_te[:200], labels=y_te[:200], progress=False)
+
+
+def test_layers_isolated_and_accumulated(digits_report, digits_onnx) -> None:
+    _, report = digits_report
+    names = [r.name for r in report.layers]
+    convs = [r for r in report.layers if r.op_type == "Conv"]
+    assert len(convs) == 3 and any(r.op_type == "Gemm" for r in report.layers), names
+    assert report.skipped == []
+    first = report.layers[0]
+    # the first layer reads the model input: alone or in the whole model, it sees the same quantized input
+    assert first.isolated_db == pytest.approx(first.accumulated_db, abs=1e-6)
+    later = report.layers[1:]
+    assert all(20 < r.isolated_db < 80 for r in report.layers)
+    assert sum(r.isolated_db > r.accumulated_db for r in later) >= len(later) - 1  # error accumulates
+    assert all(r.quant_ms is not None for r in convs)  # fused kernels matched by name
+    assert report.outputs[0].quant_accuracy is not None and report.num_samples == 200
+    acts = {a.tensor: a for a in report.activations}
+    assert "x" in acts and acts["x"].clip_ratio == 0.0 and acts["x"].hist.sum() == acts["x"].count > 0
+
+
+def test_a_layer_quantized_alone_has_no_isolated_error_elsewhere(digits_onnx, digits_data, tmp_path: Path) -> None:
+    """Only the last Conv quantized: its isolated error is the whole model's error at its output."""
+    import onnx_ir as ir
+
+    x_tr, _, x_te, _ = digits_data
+    convs = [n.name for n in ir.load(digits_onnx).graph if n.op_type == "Conv"]
+    spec = {"dtype": "int8"}
+    cfg = {"global_config": None, "op_name_configs": {convs[-1]: {
+        "op_state_spec": {"weight": {"dtype": "int8", "granularity": {"type": "per_channel"}}},
+        "op_input_spec": {"*": spec}, "op_output_spec": None}}}
+    out = tmp_path / "one.onnx"
+    qdq.quantize(digits_onnx, cfg, [x_tr[:128]], output=out, progress=False)
+    report = build_report(digits_onnx, out, x_te[:64], progress=False)
+    assert [r.name for r in report.layers] == [convs[-1]]
+    r = report.layers[0]
+    assert r.isolated_db == pytest.approx(r.accumulated_db, abs=1e-6) and np.isfinite(r.isolated_db)
+
+
+def test_transformer_layers_through_fused_kernels_and_smoothquant(attention_onnx, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((4, 8, 16)).astype(np.float32) for _ in range(4)]
+    out = tmp_path / "att.onnx"
+    qdq.quantize(attention_onnx, "int8-smoothquant", calib, output=out, progress=False)
+    report = build_report(attention_onnx, out, calib, progress=False)
+    assert report.skipped == []
+    assert len([r for r in report.layers if "MatMul" in r.op_type]) == 6  # q, k, v, scores, context, out
+    assert any(r.op_type == "MatMulIntegerToFloat" for r in report.layers)
+    assert all(np.isfinite(r.isolated_db) and r.isolated_db > 15 for r in report.layers)
+
+
+def test_cli_writes_html_and_md_atomically(digits_onnx, digits_data, tmp_path: Path) -> None:
+    from qdq.cli import main
+
+    x_tr, _, x_te, y_te = digits_data
+    quant = tmp_path / "q.onnx"
+    qdq.quantize(digits_onnx, "int8", [x_tr[:128]], output=quant, progress=False)
+    np.save(tmp_path / "x.npy", x_te[:64])
+    np.save(tmp_path / "y.npy", y_te[:64])
+    common = [str(digits_onnx), str(quant), "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+              "--quiet"]
+    assert main(["report", *common, "-o", str(tmp_path / "r.md")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "| op name | op type | isolated SQNR dB |" in md and "node_linear" in md
+    assert main(["report", *common, "-o", str(tmp_path / "r.pdf")]) == 2
+    assert not (tmp_path / "r.pdf").exists()
+    assert main(["report", str(digits_onnx), str(digits_onnx), "--data", str(tmp_path / "x.npy"), "--quiet",
+                 "-o", str(tmp_path / "same.html")]) == 1  # no quantized layer: one line, nothing written
+    assert not (tmp_path / "same.html").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(ModelError, match="not found"):
+        build_report(tmp_path / "missing.onnx", quant, x_te[:8], progress=False)
+    with pytest.raises(ModelError, match=".html or .md"):
+        write_report(build_report(digits_onnx, quant, x_te[:8], progress=False), tmp_path / "r.txt")
+    assert ConfigError  # the CLI's suffix check raises it (exit 2 above)
+
+
+def _chromium() -> str | None:
+    return next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("google-chrome")) if p), None)
+
+
+def test_report_page_opens_in_headless_chromium(digits_report, tmp_path: Path) -> None:
+    """The page loads in a real browser, its embedded plot decodes (the page records the image's pixel width on
+    the body once loaded) and the layer table is in the DOM."""
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("QDQ_REQUIRE_BROWSER"):
+            pytest.fail("QDQ_REQUIRE_BROWSER is set but no chromium is installed (Debian package chromium)")
+        pytest.skip("no headless browser here: install the Debian package chromium (.ci/run does)")
+    _, report = digits_report
+    page = write_report(report, tmp_path / "report.html")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 'id="layer-table"' in dom and "node_linear" in dom
+    width = dom.split('data-plot-width="', 1)[1].split('"', 1)[0]
+    assert int(width) > 200  # the PNG decoded (0 if broken)
+    assert dom.count("<img") >= 2  # the plot and the histogram thumbnails
