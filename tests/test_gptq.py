@@ -16,7 +16,8 @@ from onnx import helper, numpy_helper
 import qdq
 from qdq import ConfigError, QuantizerConfig
 from qdq.algorithms import parse_algorithm
-from qdq.algorithms.gptq import _Layer, gptq_round
+from qdq.algorithms.gptq import gptq_round
+from qdq.algorithms.layer_rounding import _Layer
 from qdq.numerics import dequantize, quantize
 from qdq.presets import preset
 from qdq.quantizer import Quantizer

@@ -1,0 +1,68 @@
+"""AdaRound: learned rounding beats round-to-nearest on the layer objective and end to end, from every front end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import qdq
+from qdq import ConfigError
+from qdq.algorithms import parse_algorithm
+from qdq.algorithms.adaround import adaround_round
+from qdq.numerics import dequantize, quantize
+from qdq.presets import preset
+from qdq.quantizer import Quantizer
+from qdq.session import make_session
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_learned_rounding_beats_nearest_on_correlated_inputs(bits: int) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((2, 16, 48))
+    x = rng.standard_normal((4096, 48)) @ (np.eye(48) + 0.4 * rng.standard_normal((48, 48)))
+    h = np.stack([x.T @ x / len(x)] * 2)
+    qmax = 2 ** (bits - 1) - 1
+    s = np.broadcast_to(np.abs(w).max(2, keepdims=True) / (qmax + 0.5), w.shape)
+    z = np.zeros_like(w)
+    codes = adaround_round(w, h, s, z, -qmax - 1.0, float(qmax), iters=300)
+    rtn = np.clip(np.rint(w / s), -qmax - 1, qmax)
+    assert np.all(codes == np.rint(codes)) and codes.min() >= -qmax - 1 and codes.max() <= qmax
+    assert np.all(np.abs(codes - w / s) < 1.0 + 1e-9)  # only ever floor or ceil
+
+    def err(c: np.ndarray) -> float:
+        e = w - c * s
+        return float(np.einsum("goi,gij,goj->", e, h, e))
+    assert err(codes) < 0.7 * err(rtn), (err(codes), err(rtn))
+
+
+def test_adaround_end_to_end_on_digits(digits_onnx, digits_data) -> None:
+    x_tr, _, x_te, _ = digits_data
+    cfg = dataclasses.replace(preset("w4"), algorithms=[{"name": "adaround", "iters": 200}], bias_correction=False)
+    q = Quantizer(digits_onnx, cfg)
+    q.progress = False
+    notes = q.apply_algorithms([x_tr[i:i + 64] for i in range(0, 512, 64)])
+    assert notes[0].startswith("adaround: 4 weights rounded")
+    q.prepare()
+    for t in (t for t in q.targets.values() if t.kind == "weight"):  # the stored integers are AdaRound's
+        w = q.float_model.graph.initializers[t.tensor].const_value.numpy()
+        qp = q.qparams[t.key]
+        np.testing.assert_array_equal(dequantize(quantize(w, qp.scale, qp.zero_point, t.spec.dtype, t.layout),
+                                                 qp.scale, qp.zero_point, t.layout), w)
+    ref = make_session(str(digits_onnx)).run(None, {"x": x_te})[0]
+    rtn = make_session(qdq.quantize(digits_onnx, dataclasses.replace(cfg, algorithms=[]), progress=False)).run(
+        None, {"x": x_te})[0]
+    got = make_session(q.qdq_model()).run(None, {"x": x_te})[0]
+
+    def sqnr(o: np.ndarray) -> float:
+        return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - o) ** 2)))
+    assert sqnr(got) > sqnr(rtn) + 1.0, (sqnr(got), sqnr(rtn))
+
+
+def test_adaround_options() -> None:
+    assert parse_algorithm("adaround:iters=50,reg=1").options["iters"] == 50
+    with pytest.raises(ConfigError, match="lr must be in"):
+        parse_algorithm("adaround:lr=3")
+    with pytest.raises(ConfigError, match="iters must be"):
+        parse_algorithm("adaround:iters=0")
