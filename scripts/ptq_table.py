@@ -12,6 +12,7 @@ vs FP32 at batch 32 (interleaved runs, median, 2 threads) and float Conv/Gemm le
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import sys
@@ -32,10 +33,27 @@ from qdq.backends.ort_inspect import float_compute_nodes
 from qdq.demo import ptq_rows
 from qdq.torch_export import export
 
+
+def _with(name: str, *algorithms: str, calibrator: str | None = None) -> Any:
+    import dataclasses
+
+    from qdq.config_edit import with_activation_calculator
+    from qdq.presets import preset
+
+    cfg = preset(name)
+    if calibrator:
+        cfg = with_activation_calculator(cfg, calibrator)
+    return dataclasses.replace(cfg, algorithms=[*cfg.algorithms, *({"name": a} for a in algorithms)])
+
+
 CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-global-minmax)": "int8-global-minmax",
            "W8A8 + GPTQ (int8-gptq)": "int8-gptq",
+           "W8A8 + AdaRound (int8 --algorithm adaround)": _with("int8", "adaround"),
+           "W8A8 mse + AdaRound (int8 --calibrator mse --algorithm adaround)": _with("int8", "adaround", calibrator="mse"),
            "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4",
-           "W4 asymmetric + GPTQ (w4-gptq)": "w4-gptq"}
+           "W4 asymmetric + GPTQ (w4-gptq)": "w4-gptq",
+           "W4 asymmetric + AdaRound (w4-gptq with adaround)": dataclasses.replace(
+               _with("w4-gptq"), algorithms=[{"name": "adaround"}])}
 
 
 def cpu_name() -> str:

@@ -108,7 +108,7 @@ def test_presets() -> None:
     assert preset("int8").algorithms == ({"name": "smoothquant", "alpha": 0.7, "targets": "norm"},)
     assert preset("int8-smoothquant").algorithms == ({"name": "smoothquant", "alpha": 0.8, "targets": "all"},)
     gptq = {"name": "gptq", "damp": 0.01, "block": 128, "act_order": True, "sequential": False,
-            "bias_correction": True, "fetch_mb": 512}
+            "bias_correction": True, "fetch_mb": 128}
     assert preset("int8-gptq").algorithms[1] == gptq and preset("w4-gptq").algorithms == (gptq,)
     assert preset("w4-gptq").global_config.op_state_spec["weight"].qscheme.value == "asymmetric"
     assert preset("fp8").global_config.op_input_spec["*"].dtype is QDType.FLOAT8_E4M3FN

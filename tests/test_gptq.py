@@ -129,7 +129,7 @@ def test_gptq_everywhere_a_user_asks(digits_onnx, digits_data, tmp_path: Path) -
     x = digits_data[0][:256]
     cfg = QuantizerConfig.from_yaml("algorithms:\n  - {name: gptq, damp: 0.05, act_order: false}\n")
     assert cfg.algorithms[0] == {"name": "gptq", "damp": 0.05, "block": 128, "act_order": False, "sequential": False,
-                                 "bias_correction": True, "fetch_mb": 512}
+                                 "bias_correction": True, "fetch_mb": 128}
     options = parse_algorithm("gptq:act_order=no,block=64,bias_correction=off").options
     assert (options["act_order"], options["block"], options["bias_correction"]) == (False, 64, False)
     with pytest.raises(ConfigError, match="damp must be in"):

@@ -189,7 +189,7 @@ class LayerRounding(Algorithm):
     """Base of Hessian-driven rounding algorithms: subclasses implement :meth:`codes`."""
 
     SHARED_OPTIONS: ClassVar[dict[str, tuple[type, Any]]] = {
-        "sequential": (bool, False), "bias_correction": (bool, True), "fetch_mb": (int, 512)}
+        "sequential": (bool, False), "bias_correction": (bool, True), "fetch_mb": (int, 128)}
 
     def validate(self) -> None:
         if self.options["fetch_mb"] < 1:
@@ -253,7 +253,8 @@ class LayerRounding(Algorithm):
         fetch = [name for name in groups if name not in inputs]
         from qdq.session import make_session
 
-        session = make_session(model, level="none", extra_outputs=fetch, label=f"model ({self.name} sizing)")
+        session = make_session(model, level="none", extra_outputs=fetch, arena=False,
+                               label=f"model ({self.name} sizing)")
         nbytes = dict(zip(fetch, (a.nbytes * per_batch for a in session.run(fetch, sample)), strict=True))
         del session
         budget = self.options["fetch_mb"] * 2 ** 20
@@ -274,7 +275,8 @@ class LayerRounding(Algorithm):
 
         inputs = {v.name for v in model.graph.inputs}
         fetch = sorted({ly.x.name or "" for ly in layers if ly.x.name not in inputs})
-        session = make_session(model, level="none", extra_outputs=fetch, label=f"model ({self.name} statistics)")
+        session = make_session(model, level="none", extra_outputs=fetch, arena=False,
+                               label=f"model ({self.name} statistics)")
         count = 0
         for feeds in batches():
             feeds = dict(feeds)
