@@ -30,9 +30,10 @@ import numpy as np
 from qdq.backends import ExportBackend
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, DataError
+from qdq.model_inputs import model_inputs
 from qdq.progress import progress_bar
 from qdq.quantizer import Quantizer
-from qdq.session import make_session
+from qdq.session import make_session, run_batched
 
 __all__ = ["METRICS", "FallbackResult", "search_fallback"]
 
@@ -93,6 +94,7 @@ class _Evaluator:
         self.batches = [dict(b) for b in batches]
         self.metric = metric
         self.count = 0
+        self.inputs = model_inputs(quantizer.float_model)  # static batches run in chunks of the model's batch
         ref = self._outputs(make_session(quantizer.float_model, label="FP32 model"))
         if metric == "agreement" and (ref.ndim != 2 or ref.shape[-1] < 2):
             raise ConfigError(f"--target-agreement needs class scores [N, classes] as the first output (got shape "
@@ -101,7 +103,8 @@ class _Evaluator:
 
     def _outputs(self, session: Any) -> np.ndarray:
         name = session.get_outputs()[0].name
-        return np.concatenate([np.asarray(session.run([name], b)[0], np.float32) for b in self.batches])
+        return np.concatenate([np.asarray(run_batched(session, b, self.inputs, [name])[0], np.float32)
+                               for b in self.batches])
 
     @staticmethod
     def _session(quantizer: Quantizer) -> Any:
@@ -118,11 +121,11 @@ class _Evaluator:
     def seconds(self, quantizer: Quantizer, repeats: int = 5) -> float:
         session = self._session(quantizer)
         feeds = self.batches[0]
-        session.run(None, feeds)
+        run_batched(session, feeds, self.inputs)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            session.run(None, feeds)
+            run_batched(session, feeds, self.inputs)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

@@ -264,9 +264,9 @@ class Quantizer:
 
     def replan(self, config: Any) -> Quantizer:
         """A quantizer for ``config`` on this one's float model (its algorithms already applied) that reuses the
-        statistics collected here: every target planned again with the same key, tensor, spec and layout keeps its
-        calibrated calculator (activation ranges, pinned weight grids), bias correction its channel means; weights
-        get their grid from the weight. Nothing is recalibrated, this quantizer is not changed.
+        statistics collected here: an activation target keeps the calibrated statistics of the same tensor (same
+        layout and calculator; its qparams are recomputed for the new spec), bias correction its channel means;
+        weights get their grid from the weight (or the grid an algorithm pinned). Nothing is recalibrated, this quantizer is not changed.
         :attr:`missing_statistics` lists activation targets new to ``config`` (they need calibration)."""
         import copy
 
@@ -278,18 +278,35 @@ class Quantizer:
         new._example_feeds = self._example_feeds
         new.algorithm_notes = list(self.algorithm_notes)
         missing: list[str] = []
+        # tensor -> calibrated activation targets that cover it: its own, or (a pass-through output such as a
+        # MaxPool's, which shared its input's qparams) the root whose statistics it shared
+        observed: dict[str, list[QuantTarget]] = {}
+        for key, old in self.plan.targets.items():
+            if old.kind != "activation":
+                continue
+            root = self.plan.targets[self.plan.root(key)]
+            calc = self._calculators.get(root.key)
+            if root.observed and calc is not None and calc.has_data:
+                observed.setdefault(old.tensor, []).append(root)
         for key, t in new.plan.targets.items():
             if t.shared_with is not None:
                 continue
-            old = self.plan.targets.get(key)
-            if (old is not None and old.shared_with is None and key in self._calculators and old.tensor == t.tensor
-                    and old.spec == t.spec and old.layout == t.layout):
-                new._calculators[key] = copy.deepcopy(self._calculators[key])
-            elif t.kind == "activation":
+            if t.kind != "activation":
+                new._calculators[key] = new._new_calculator(t)  # weights: the grid comes from the weight
+                continue
+            # the same tensor observed by the same calculator in the same layout: its statistics hold for any
+            # spec (a consumer's symmetric grid where the producer's asymmetric one was)
+            same = [o for o in observed.get(t.tensor, []) if o.layout == t.layout
+                    and (o.spec.qparam_calculator_cls, o.spec.calculator_kwargs)
+                    == (t.spec.qparam_calculator_cls, t.spec.calculator_kwargs)]
+            if not same:
                 missing.append(key)
                 new._calculators[key] = self._new_calculator(t)
-            else:
-                new._calculators[key] = new._new_calculator(t)
+                continue
+            best = next((o for o in same if o.spec == t.spec), same[0])
+            calc = copy.deepcopy(self._calculators[best.key])
+            calc.spec = t.spec
+            new._calculators[key] = calc
         new._means = {k: copy.deepcopy(m) for k, m in self._means.items()} if new.config.bias_correction else {}
         if not self.config.bias_correction:
             new._bias_sites = {}  # no channel means were collected

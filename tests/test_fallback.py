@@ -121,3 +121,18 @@ def test_target_errors_are_one_line(digits_onnx, digits_data, attention_onnx, tm
     r = []
     qdq.quantize(attention_onnx, "int8", calib, progress=False, target_cosine=0.5, on_fallback=r.append)
     assert r[0].reached and r[0].ops == []
+
+
+def test_unreachable_target_on_a_static_batch_model(tmp_path: Path) -> None:
+    """A model with a static batch of 1 is measured in runs of its batch; a target no set of float ops reaches is
+    reported as not reached (every op float is the closest), not an error."""
+    from models.zoo import ZOO
+
+    zoo = ZOO["static_cnn"]
+    path = zoo.export(tmp_path / "static.onnx")
+    found: list = []
+    qdq.quantize(path, "int8", [zoo.data(8, 0)], progress=False, target_cosine=1.01, holdout=8,
+                 on_fallback=found.append)
+    r = found[0]
+    assert not r.reached and "not reached" in r.summary() and len(r.ops) == r.candidates > 0
+    assert r.after >= r.before and r.after == pytest.approx(1.0, abs=1e-6)  # all float: FP32 itself
