@@ -10,6 +10,7 @@ notes; the quantizer then re-plans on the edited model. Register your own with :
 | `smoothquant` | moves activation outliers into the weights of the MatMul/Gemm reading them (Xiao et al. 2023) |
 | `gptq`        | rounds MatMul/Gemm/Conv weights column by column, compensating each rounding error with the layer's input Hessian (Frantar et al. 2023) |
 | `adaround`    | learns each weight's rounding direction against the layer's output reconstruction error (Nagel et al. 2020) |
+| `cle`         | equalizes the per-channel weight ranges of consecutive Conv pairs through ReLU (Nagel et al. 2019) |
 
 An algorithm that needs to know how weights will be quantized reads ``context.plan`` (the current plan of the
 model it edits); one that fixes a weight's grid itself records it in ``context.pinned`` (tensor name ->
@@ -137,4 +138,4 @@ def parse_algorithm(text: str) -> Algorithm:
 
 
 def _load_builtins() -> None:
-    from qdq.algorithms import adaround, gptq, smoothquant  # noqa: F401  (register themselves)
+    from qdq.algorithms import adaround, cle, gptq, smoothquant  # noqa: F401  (register themselves)
