@@ -30,6 +30,7 @@ import numpy as np
 from qdq.backends import ExportBackend
 from qdq.config import QuantizerConfig
 from qdq.errors import ConfigError, DataError
+from qdq.metrics import sqnr_db
 from qdq.model_inputs import model_inputs
 from qdq.progress import progress_bar
 from qdq.quantizer import Quantizer
@@ -77,8 +78,7 @@ def _score(metric: str, ref: np.ndarray, out: np.ndarray) -> float:
     if metric == "agreement":
         return float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100)
     if metric == "sqnr":
-        noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
-        return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise))
+        return sqnr_db(ref, out)
     r = ref.reshape(len(ref), -1).astype(np.float64)
     o = out.reshape(len(out), -1).astype(np.float64)
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)

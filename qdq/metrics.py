@@ -19,7 +19,7 @@ import numpy as np
 from qdq.errors import ModelError
 
 __all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "Sqnr",
-           "sqnr_db", "top1"]
+           "neighbour_agreement", "sqnr_db", "top1"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,19 +120,23 @@ class NeighbourAgreement:
             self.test.append(np.asarray(test[:take], np.float32))
             self.count += take
 
-    @staticmethod
-    def _nearest(e: np.ndarray) -> np.ndarray:
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
-        sims = e @ e.T
-        np.fill_diagonal(sims, -np.inf)
-        return np.argmax(sims, axis=1)
-
     @property
     def rate(self) -> float | None:
         if self.count < 3:
             return None
-        ref, test = np.concatenate(self.ref), np.concatenate(self.test)
-        return float(np.mean(self._nearest(ref) == self._nearest(test)))
+        return neighbour_agreement(np.concatenate(self.ref), np.concatenate(self.test))
+
+
+def _nearest(e: np.ndarray) -> np.ndarray:
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+    sims = e @ e.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argmax(sims, axis=1)
+
+
+def neighbour_agreement(ref: np.ndarray, test: np.ndarray) -> float:
+    """Fraction of rows whose nearest other row (cosine) is the same in ``test`` as in ``ref`` ([N, D] each)."""
+    return float(np.mean(_nearest(ref) == _nearest(test)))
 
 
 class Counter:

@@ -29,6 +29,8 @@ import minilm
 from _bench.timing import session, speedups
 from ptq_table import cpu_name, emit
 
+from qdq.metrics import neighbour_agreement
+
 QDQ_PRESETS = ("int8", "int8-smoothquant", "int8-gptq", "w8", "w4", "w4-gptq")
 
 
@@ -65,16 +67,6 @@ def embed(path: Path, data: dict[str, np.ndarray], batch: int = 16) -> np.ndarra
     s = session(path)
     n = len(data["input_ids"])
     return np.concatenate([s.run(None, {k: v[i:i + batch] for k, v in data.items()})[0] for i in range(0, n, batch)])
-
-
-def nn_agreement(ref: np.ndarray, test: np.ndarray) -> float:
-    """Fraction of sentences whose nearest other sentence (cosine) is the same under ``test`` as under ``ref``."""
-    def nearest(e: np.ndarray) -> np.ndarray:
-        e = e / np.linalg.norm(e, axis=1, keepdims=True)
-        sims = e @ e.T
-        np.fill_diagonal(sims, -np.inf)
-        return sims.argmax(1)
-    return float((nearest(ref) == nearest(test)).mean())
 
 
 def ort_static(fp32: Path, calib: dict[str, np.ndarray], out: Path) -> Path:
@@ -144,7 +136,7 @@ def main() -> int:
         for (name, path), s in zip(models.items(), speed, strict=True):
             out = embed(path, evaluation)
             cos = minilm.cosine_per_sample(ref, out)
-            lines.append(f"| {name} | {cos.mean():.4f} / {cos.min():.4f} | {100 * nn_agreement(ref, out):.1f} | "
+            lines.append(f"| {name} | {cos.mean():.4f} / {cos.min():.4f} | {100 * neighbour_agreement(ref, out):.1f} | "
                          f"{path.stat().st_size / 1e6:.1f} | {s:.2f}x |")
     emit("\n".join(lines), args.out)
     return 0

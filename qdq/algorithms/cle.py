@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from qdq.algorithms import Algorithm, AlgorithmContext, register_algorithm
 from qdq.errors import ConfigError
+from qdq.graph.readers import sole_reader
 
 __all__ = ["CrossLayerEqualization"]
 
@@ -37,11 +38,6 @@ def _conv(node: ir.Node | None) -> bool:
         return False
     b = node.inputs[2] if len(node.inputs) > 2 else None
     return b is None or (b.const_value is not None and len(b.uses()) == 1)
-
-
-def _single_reader(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _relu6(node: ir.Node) -> bool:
@@ -59,11 +55,11 @@ def _pairs(model: ir.Model, relu6: bool) -> list[tuple[ir.Node, ir.Node | None, 
     for node in model.graph:
         if not _conv(node):
             continue
-        nxt = _single_reader(node.outputs[0])
+        nxt = sole_reader(node.outputs[0])
         act = None
         if nxt is not None and (nxt.op_type == "Relu" or (relu6 and _relu6(nxt))):
             act = nxt
-            nxt = _single_reader(nxt.outputs[0])
+            nxt = sole_reader(nxt.outputs[0])
         if nxt is None or not _conv(nxt) or nxt.inputs[0] is not (act or node).outputs[0]:
             continue
         out.append((node, act, nxt))

@@ -15,6 +15,7 @@ of the float model; ``sequential`` instead runs one pass per layer input, on the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -53,6 +54,11 @@ class _Layer:
     hessian: np.ndarray | None = None  # [groups, K, K], float64, sum of x xᵀ
     sums: np.ndarray | None = None  # [groups, K], float64, sum of x (bias correction)
     rows: int = 0
+
+    @functools.cached_property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape (read once: im2col asks for the kernel size per sample)."""
+        return tuple(self.w.shape)
 
     @property
     def w(self) -> np.ndarray:
@@ -96,7 +102,7 @@ class _Layer:
     def bias(self, model: ir.Model) -> ir.Value | None:
         """The constant bias added to this layer's output channels (Conv/Gemm input 2, or the Add after a
         MatMul); a missing Conv bias is created (zeros)."""
-        n_out = self.w.shape[0] if self.node.op_type == "Conv" or _flag(self.node, "transB") else self.w.shape[-1]
+        n_out = self.shape[0] if self.node.op_type == "Conv" or _flag(self.node, "transB") else self.shape[-1]
         if self.node.op_type in ("Conv", "Gemm"):
             b = self.node.inputs[2] if len(self.node.inputs) > 2 else None
             if b is None and self.node.op_type == "Conv":
@@ -119,7 +125,7 @@ class _Layer:
     def _patches(self, x: np.ndarray) -> np.ndarray:
         """im2col of one [C, H, W] input: [out_h * out_w, groups, C/groups * kh * kw]."""
         attrs = self.node.attributes
-        _, _, kh, kw = self.w.shape
+        _, _, kh, kw = self.shape
         sh, sw = attrs.get_ints("strides", (1, 1))
         dh, dw = attrs.get_ints("dilations", (1, 1))
         eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1

@@ -23,6 +23,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qdq.graph.readers import sole_reader
 from qdq.passes._qdq_nodes import (
     add_initializer,
     const_array,
@@ -37,13 +38,6 @@ logger = logging.getLogger(__name__)
 
 _8BIT = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
 _MS = "com.microsoft"
-
-
-def _single_reader(value: ir.Value) -> ir.Node | None:
-    if value.is_graph_output():
-        return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
 
 
 def _columns(dq: ir.Node) -> int | None:
@@ -103,7 +97,7 @@ def _absorb(out: ir.Value, columns: int | None) -> tuple[list[ir.Node], np.ndarr
     bias: np.ndarray | None = None
     factor = 1.0
     while True:
-        user = _single_reader(out)
+        user = sole_reader(out)
         if user is None or user.domain not in ("", "ai.onnx") or len(user.inputs) != 2:
             break
         if user.op_type == "Add" and bias is None:

@@ -35,7 +35,7 @@ from qdq.model_inputs import iter_chunks, model_inputs
 from qdq.model_io import write_text
 from qdq.progress import progress_bar
 from qdq.report.layers import ActivationStats, Layer, plan_layers
-from qdq.session import make_session, run
+from qdq.session import make_session, run, session_options
 
 __all__ = ["LayerRow", "Report", "build_report", "write_report"]
 
@@ -166,10 +166,9 @@ def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int) ->
     if runs <= 0:
         return {}
     with tempfile.TemporaryDirectory(prefix="qdq-profile-") as tmp:
-        opts = ort.SessionOptions()
+        opts = session_options("all")  # qdq's quiet options at the deployment level, plus the profiler
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "p")
-        opts.log_severity_level = 3
         opts.intra_op_num_threads = 1
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         wanted = {i.name for i in sess.get_inputs()}

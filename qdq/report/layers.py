@@ -20,7 +20,12 @@ import logging
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
+
+from qdq.dtypes import QDType
+from qdq.metrics import Sqnr
+from qdq.numerics import fake_quantize
 
 __all__ = ["ActivationStats", "Layer", "LayerPlan", "plan_layers"]
 
@@ -53,18 +58,28 @@ class ActivationStats:
 
     tensor: str
     node: str  #: the QuantizeLinear
-    dtype: str
+    qdtype: QDType
     scale: float
     zero_point: int
-    lo: float  #: the representable range
-    hi: float
     count: int = 0
     clipped: int = 0
-    signal: float = 0.0
-    noise: float = 0.0
+    error: Sqnr = dataclasses.field(default_factory=Sqnr)  #: the tensor against its QDQ pair's output
     hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(HIST_BINS + 2, np.int64))
     minimum: float = np.inf
     maximum: float = -np.inf
+
+    @property
+    def dtype(self) -> str:
+        return self.qdtype.value
+
+    @property
+    def lo(self) -> float:
+        """The representable range."""
+        return (self.qdtype.qmin - self.zero_point) * self.scale
+
+    @property
+    def hi(self) -> float:
+        return (self.qdtype.qmax - self.zero_point) * self.scale
 
     @property
     def edges(self) -> np.ndarray:
@@ -73,39 +88,26 @@ class ActivationStats:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32).ravel()
-        q = np.clip(np.rint(x / np.float32(self.scale)) + self.zero_point, *self._grid())
-        deq = (q - self.zero_point) * np.float32(self.scale)
-        self.signal += float(np.dot(x.astype(np.float64), x))
-        self.noise += float(np.sum((x - deq).astype(np.float64) ** 2))
+        self.error.update(x, fake_quantize(x, np.array(self.scale, np.float32), np.array(self.zero_point, np.int32),
+                                           self.qdtype))
         half = 0.5 * self.scale
         self.clipped += int(np.count_nonzero((x < self.lo - half) | (x > self.hi + half)))
         self.count += x.size
         if x.size:
             self.minimum, self.maximum = min(self.minimum, float(x.min())), max(self.maximum, float(x.max()))
-        counts, _ = np.histogram(np.clip(x, self.edges[0], self.edges[-1]), bins=self.edges)
+        edges = self.edges
+        counts, _ = np.histogram(np.clip(x, edges[0], edges[-1]), bins=edges)
         self.hist[1:-1] += counts
-        self.hist[0] += int(np.count_nonzero(x < self.edges[0]))
-        self.hist[-1] += int(np.count_nonzero(x > self.edges[-1]))
-
-    def _grid(self) -> tuple[float, float]:
-        qmin, qmax = _DTYPE_GRID[self.dtype]
-        return float(qmin), float(qmax)
+        self.hist[0] += int(np.count_nonzero(x < edges[0]))
+        self.hist[-1] += int(np.count_nonzero(x > edges[-1]))
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0:
-            return np.inf
-        return float(10 * np.log10(max(self.signal, 1e-30) / self.noise))
+        return self.error.db
 
     @property
     def clip_ratio(self) -> float:
         return self.clipped / self.count if self.count else 0.0
-
-
-_DTYPE_GRID = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
-               "int4": (-8, 7), "uint4": (0, 15), "int32": (-2 ** 31, 2 ** 31 - 1)}
-_ONNX_DTYPE: dict[int, str] = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT16: "int16",
-               onnx.TensorProto.UINT16: "uint16", onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
 
 
 @dataclasses.dataclass
@@ -125,35 +127,36 @@ class _Graph:
         self.producer = {o: n for n in g.node for o in n.output}
         self.constants = {o: n for n in g.node if n.op_type == "Constant" for o in n.output}
 
-    def array(self, name: str) -> np.ndarray | None:
+    def _tensor(self, name: str) -> onnx.TensorProto | None:
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return self.inits[name]
         node = self.constants.get(name)
-        if node is not None:
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
+        return next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+
+    def array(self, name: str) -> np.ndarray | None:
+        t = self._tensor(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def data_type(self, name: str) -> int:
+        t = self._tensor(name)
+        return 0 if t is None else t.data_type
 
 
 def _activation_stats(q: onnx.NodeProto, graph: _Graph, reference: str) -> ActivationStats | None:
     scale = graph.array(q.input[1])
-    zp = graph.array(q.input[2]) if len(q.input) > 2 and q.input[2] else None
-    if scale is None or scale.size != 1:
+    zp_name = q.input[2] if len(q.input) > 2 else ""
+    zp = graph.array(zp_name) if zp_name else None
+    if scale is None or scale.size != 1 or (zp_name and zp is None):
         return None  # per-channel activations: not summarised here
-    dtype = "uint8"
-    if zp is not None:
-        dtype = str(zp.dtype) if str(zp.dtype) in _DTYPE_GRID else _ONNX_DTYPE.get(
-            graph.inits[q.input[2]].data_type if q.input[2] in graph.inits else 0, "")
-    else:
-        out_dt = next((a.i for a in q.attribute if a.name == "output_dtype"), 0)
-        dtype = _ONNX_DTYPE.get(out_dt, "uint8")
-    if dtype not in _DTYPE_GRID:
+    stored = graph.data_type(zp_name) if zp_name else next((a.i for a in q.attribute if a.name == "output_dtype"), 0)
+    try:
+        qdtype = QDType.from_ir(ir.DataType(stored)) if stored else QDType.UINT8
+    except (KeyError, ValueError):
+        return None
+    if qdtype.is_float:
         return None  # float8 grids
-    s = float(scale.reshape(()))
-    z = int(zp.reshape(())) if zp is not None else 0
-    qmin, qmax = _DTYPE_GRID[dtype]
-    return ActivationStats(reference, q.name, dtype, s, z, (qmin - z) * s, (qmax - z) * s)
+    zero = int(zp.reshape(())) if zp is not None else 0
+    return ActivationStats(reference, q.name, qdtype, float(scale.reshape(())), zero)
 
 
 _FUSABLE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Add", "Mul", "Gelu",
