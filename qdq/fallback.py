@@ -57,6 +57,12 @@ class FallbackResult:
     speed_cost: float | None = None  #: time with fallback / time fully quantized (onnxruntime, one batch)
     sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)  #: output SQNR, only that op float
 
+    def remeasure(self, quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Measure ``quantizer`` (the chosen config, calibrated afresh) on the search's samples: it becomes
+        :attr:`quantizer` and its metric :attr:`after`."""
+        self.after, _ = _Evaluator(quantizer, batches, self.metric)(quantizer)
+        self.quantizer = quantizer
+
     @property
     def reached(self) -> bool:
         return self.after >= self.target

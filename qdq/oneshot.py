@@ -126,8 +126,6 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         check_suffix(output, backend)
     if torch_backend:
         require_converter(backend)  # the converter's extra is installed (one line naming it if not)
-    batches: Any = None
-    total: int | None = None
     relevant = quantizer.relevant_algorithms()  # the others change nothing here (SmoothQuant on a CNN)
     if relevant and calibration_data is None:
         raise ConfigError(f"algorithm(s) {relevant} need calibration data: pass --calib-data PATH (or "
@@ -135,29 +133,39 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     if (relevant or targets) and not isinstance(calibration_data, (str, bytes)) \
             and not hasattr(calibration_data, "__fspath__") and iter(calibration_data) is calibration_data:
         calibration_data = list(calibration_data)  # a one-shot iterator: it is read more than once
-    if relevant:
 
-        def stream() -> Any:
-            return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)[0]
+    def calibrated(quantizer: Quantizer) -> Quantizer:
+        """Algorithms, then calibration: what ``--config`` does with the quantizer's config."""
+        relevant = quantizer.relevant_algorithms()
+        if relevant:
 
-        quantizer.progress = progress
-        for note in quantizer.apply_algorithms(stream):
-            logger.info("%s", note)
-    if quantizer.needs_data:
-        if calibration_data is not None:
-            batches, total = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std,
-                                      text)
-        elif quantizer.observes_activations:
-            raise ConfigError("this config quantizes activations: pass calibration data (--calib-data PATH, or "
-                              "calibration_data=...), or use a weight-only preset (w8, w4)")
-        else:
-            quantizer.skip_bias_correction("no calibration data was given (pass --calib-data / calibration_data "
-                                           "to correct the biases weight rounding shifts)")
-    elif calibration_data is not None:
-        logger.info("the config quantizes no activation and corrects no bias: calibration data is not needed")
-    quantizer.prepare()
-    if batches is not None:
-        quantizer.calibrate(batches, total=total, progress=progress)
+            def stream() -> Any:
+                return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std,
+                                text)[0]
+
+            quantizer.progress = progress
+            for note in quantizer.apply_algorithms(stream):
+                logger.info("%s", note)
+        batches: Any = None
+        total: int | None = None
+        if quantizer.needs_data:
+            if calibration_data is not None:
+                batches, total = _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean,
+                                          std, text)
+            elif quantizer.observes_activations:
+                raise ConfigError("this config quantizes activations: pass calibration data (--calib-data PATH, or "
+                                  "calibration_data=...), or use a weight-only preset (w8, w4)")
+            else:
+                quantizer.skip_bias_correction("no calibration data was given (pass --calib-data / "
+                                               "calibration_data to correct the biases weight rounding shifts)")
+        elif calibration_data is not None:
+            logger.info("the config quantizes no activation and corrects no bias: calibration data is not needed")
+        quantizer.prepare()
+        if batches is not None:
+            quantizer.calibrate(batches, total=total, progress=progress)
+        return quantizer
+
+    quantizer = calibrated(quantizer)
     fallback = None
     if targets:
         from qdq.fallback import search_fallback
@@ -167,6 +175,12 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         measure = _first_samples(fresh, quantizer, holdout)
         fallback = search_fallback(quantizer, measure, metric=metric, target=float(value), progress=progress)
         quantizer = fallback.quantizer
+        if fallback.ops:
+            # the written model is what `--config OUT.fallback.yaml` makes: the chosen config run from the start
+            # (a search candidate reuses statistics of a differently observed graph, and algorithms would round
+            # layers now left float), measured again
+            quantizer = calibrated(Quantizer(model, fallback.config))
+            fallback.remeasure(quantizer, measure)
         check_backend_plan(quantizer.plan, backend, options)
         if on_fallback is not None:
             on_fallback(fallback)

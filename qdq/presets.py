@@ -16,7 +16,8 @@ The `-gptq` presets need calibration data (GPTQ reads each layer's inputs); on E
 keeps top-1 at 89.3 % (FP32 90.2, `w4` 75.4), on all-MiniLM-L6-v2 cosine 0.988 (`w4` 0.956).
 
 Activations after Relu/Relu6/Sigmoid are asymmetric (coreai_opt's known-range rule). Every
-preset also turns on ``bias_correction`` (the calibration data's input means undo the bias that
+preset leaves graph outputs float where the producer allows (``float_graph_outputs``: the logits Gemm
+returns float from onnxruntime's integer kernel) and turns on ``bias_correction`` (the calibration data's input means undo the bias that
 weight rounding adds: on EfficientNet-Lite0, W8A8 logits SQNR 18.0 -> 22.5 dB, agreement with
 FP32 95.9 % -> 98.0 %); ``QuantizerConfig()`` itself keeps coreai_opt's plain semantics.
 """
@@ -75,4 +76,4 @@ def preset(name: str) -> QuantizerConfig:
         factory = PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None
-    return dataclasses.replace(factory(), bias_correction=True)
+    return dataclasses.replace(factory(), bias_correction=True, float_graph_outputs=True)

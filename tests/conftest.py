@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +50,15 @@ def attention_onnx(model_dir: Path) -> Path:
 
     model, example = factory_attention()
     return export(model, example, model_dir / "attention.onnx")
+
+
+@pytest.fixture
+def sigint_for_children() -> Iterator[None]:
+    """Children started meanwhile get SIGINT's default disposition, as from a terminal: a runner started in the
+    background (`pytest &`) ignores SIGINT, and an ignored signal stays ignored across exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGINT, previous)

@@ -168,3 +168,29 @@ def test_vit_class_token_path_is_a_float_island() -> None:
     quantized = {t.tensor for t in annotate(model, QuantizerConfig()).targets.values()}
     assert {"n", "w"} <= quantized
     assert not quantized & {"x", "cls", "cat", "pos", "h", "tok"}
+
+
+def test_float_graph_outputs_leave_gemm_logits_float_but_not_conv_outputs(digits_onnx, model_dir) -> None:
+    """``float_graph_outputs`` (every preset): the logits Gemm output has no pair (QGemm returns float); a Conv
+    graph output keeps its pair (QLinearConv needs one), a pass-through output after it adds none."""
+    import torch
+    from torch import nn
+
+    from qdq.presets import preset
+    from qdq.torch_export import export
+
+    assert "linear" in _plan(digits_onnx).targets  # coreai_opt's semantics: outputs are quantized
+    plan = _plan(digits_onnx, QuantizerConfig(float_graph_outputs=True))
+    assert "linear" not in plan.targets and "x" in plan.targets
+    assert "linear" not in _plan(digits_onnx, preset("int8")).targets
+    assert QuantizerConfig.from_dict({"float_graph_outputs": True}).to_dict()["float_graph_outputs"] is True
+    with pytest.raises(ConfigError, match="float_graph_outputs must be true or false"):
+        QuantizerConfig(float_graph_outputs="yes")  # type: ignore[arg-type]
+
+    conv_out = export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval(), (torch.randn(2, 3, 8, 8),),
+                      model_dir / "conv_out.onnx")
+    model = ir.load(conv_out)
+    plan = annotate(model, QuantizerConfig(float_graph_outputs=True))
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    kept = [t for t in plan.targets.values() if t.kind == "activation" and t.uses is None]
+    assert [t.tensor for t in kept] == [conv.outputs[0].name]

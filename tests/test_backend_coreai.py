@@ -246,5 +246,9 @@ def test_qat_export_reaches_the_lowering(digits_onnx: Path, digits_data, tmp_pat
         want = mirror(torch.from_numpy(x_te[:32])).numpy()
     with CoreAIRuntime(out) as rt:
         got = rt.run(x_te[:32])[0]
-    step = float(np.max(qat.qparams["linear"].scale))
+    # the logits are float (float_graph_outputs): they differ by float summation order, and where that moves the
+    # Gemm's input across a rounding boundary, by one step of its grid times the weights
+    gemm_in = next(t for t in qat.plan.targets.values() if t.kind == "activation" and "node_linear" in t.ops)
+    w = np.abs(qat._quantizer.float_model.graph.initializers["fc.weight"].const_value.numpy()).sum(axis=1).max()
+    step = float(np.max(qat.qparams[gemm_in.key].scale)) * float(w)
     assert np.abs(got - want).max() <= 1.01 * step and np.mean(np.abs(got - want) <= 1e-4) >= 0.95

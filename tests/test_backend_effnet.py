@@ -114,8 +114,8 @@ def test_lowered_program_equals_onnxruntime_op_by_op(converted, effnet, backend:
 
 
 def test_coreai_runtime_runs_the_asset_like_the_program(converted, effnet) -> None:
-    """The Core AI runtime's own float kernels sum in another order than torch's: through 16 blocks its int8
-    logits land within a few output steps of the program's (mostly on them), with the same top-1."""
+    """The Core AI runtime's own float kernels sum in another order than torch's: through 16 blocks its
+    logits land within 3 % of the logit range of the program's, with the same top-1."""
     from qdq.backends.coreai import CoreAIRuntime
 
     _, final, saved = _get(converted, "coreai", "int8")
@@ -124,7 +124,7 @@ def test_coreai_runtime_runs_the_asset_like_the_program(converted, effnet) -> No
         got = rt.run(x)[0]
     eager = final.run(x)[0]
     assert got.shape == eager.shape == (4, 1000)
-    step = float(np.max(next(i.scale for i in final.module.infos.values() if i.tensor == final.output_names[0])))
-    steps = np.abs(got - eager) / step
-    assert steps.max() <= 4.01 and np.mean(steps < 0.01) >= 0.5, (steps.max(), np.mean(steps < 0.01))
+    # float logits (float_graph_outputs): where the order moves a pooled feature across a rounding boundary, the
+    # Gemm's output moves by that step times the weights (measured: at most 0.17 of a logit range of 10.3)
+    assert np.abs(got - eager).max() <= 0.03 * np.abs(eager).max(), (np.abs(got - eager).max(), np.abs(eager).max())
     assert np.array_equal(got.argmax(-1), eager.argmax(-1))

@@ -309,6 +309,7 @@ def slow_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("sig, code", [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.usefixtures("sigint_for_children")
 def test_signal_keeps_the_previous_output_and_leaves_no_temp_files(tmp_path, digits_onnx, slow_data, sig,
                                                                    code) -> None:
     import time

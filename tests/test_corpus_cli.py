@@ -312,6 +312,7 @@ def slow_calibration(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.usefixtures("sigint_for_children")
 def test_signal_during_calibration(tmp_path: Path, slow_calibration: tuple[Path, Path], sig: int, code: int) -> None:
     model, folder = slow_calibration
     work = tmp_path / "work"

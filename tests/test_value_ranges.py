@@ -12,6 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 from qdq.passes.annotate import annotate
 from qdq.passes.value_ranges import UNKNOWN, Interval, ValueFacts
 from qdq.presets import preset
+
+
+def _int8_quantized_outputs():
+    """The int8 preset with graph outputs quantized (coreai_opt's semantics), so the rules under test show on them."""
+    import dataclasses
+
+    return dataclasses.replace(preset("int8"), float_graph_outputs=False)
 from qdq.spec import QScheme
 
 
@@ -85,7 +92,7 @@ def test_mask_arithmetic_is_detected_and_real_activations_are_not() -> None:
     assert facts.applies_mask(nodes_by_out["masked"])
     assert not facts.applies_mask(nodes_by_out["scores"])
 
-    plan = annotate(model, preset("int8"))
+    plan = annotate(model, _int8_quantized_outputs())
     quantized = {t.tensor for t in plan.targets.values()}
     assert not quantized & {"maskf", "mask4", "inv", "bias", "neg", "one", "masked"}
     assert {"x", "pooled_in"} <= quantized  # the real activations still are
@@ -105,7 +112,7 @@ def test_annotate_gives_one_sided_tensors_an_asymmetric_grid() -> None:
     ]
     x4 = helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 2, 4, 4])
     model = _model(nodes, [x4], ["sum"], {"w": np.ones((2, 2, 1, 1), np.float32)})
-    plan = annotate(model, preset("int8"))
+    plan = annotate(model, _int8_quantized_outputs())
     scheme = {t.tensor: t.spec.qscheme for t in plan.targets.values() if t.kind == "activation"}
     assert scheme["h"] is QScheme.ASYMMETRIC  # Conv+HardSwish fused, quantized after the activation
     assert scheme["gap"] is QScheme.ASYMMETRIC  # mean of a one-sided tensor

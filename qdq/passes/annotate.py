@@ -15,6 +15,9 @@ Rules, in one place:
   residual Add feeding LayerNorm) computes in float: no pair on its output or its inputs. A MatMul/Gemm output only such ops read stays float too (onnxruntime runs the MatMul on
   integers anyway: MatMulIntegerToFloat); Conv keeps its output pair (QLinearConv needs it). On
   all-MiniLM-L6-v2 int8: cosine to FP32 0.851 -> 0.990; CNNs (residual Add read by a Conv) are unchanged.
+- Graph outputs (``float_graph_outputs``, on in every preset): the caller reads them as float, so a graph
+  output gets no pair unless its producer is a Conv / ConvTranspose (QLinearConv needs the pair) or another
+  reader quantizes it; the logits Gemm runs as QGemm with float output.
 - Mask arithmetic (float math on integer inputs and small constants, e.g. ``(1 - mask) * finfo.min``)
   stays float, and so does the output of an Add that applies such a mask (its range is the mask's).
 - One pair per tensor and spec. When a producer quantizes its output, every consumer reads that
@@ -33,6 +36,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 
 import onnx_ir as ir
@@ -210,7 +214,7 @@ class _PlanBuilder:
         self._add(QuantTarget(self._new_key(value.name or ""), value.name or "", spec, layout, "activation",
                               uses=[(node.name or "", index)], ops=[node.name or ""]))
 
-    def passthrough(self, node: ir.Node) -> None:
+    def passthrough(self, node: ir.Node, keep_float: Callable[[ir.Value], bool] = lambda v: False) -> None:
         data = node.inputs[0] if node.inputs else None
         if data is None or not _is_float(data):
             return
@@ -220,7 +224,7 @@ class _PlanBuilder:
         for out in node.outputs:
             if not out.uses() and not out.is_graph_output():
                 continue
-            if any(t.uses is None for t in self.by_tensor.get(out.name or "", [])):
+            if any(t.uses is None for t in self.by_tensor.get(out.name or "", [])) or keep_float(out):
                 continue
             self._add(QuantTarget(self._new_key(out.name or ""), out.name or "", src.spec, src.layout, "activation",
                                   uses=None, shared_with=src.key, ops=[node.name or ""]))
@@ -263,7 +267,8 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
         if out is not node.outputs[0]:
             fused_out[id(node)] = out
 
-    float_islands = _float_islands(graph, configs, absorbed, fused_out)
+    outputs_float = config.float_graph_outputs
+    float_islands = _float_islands(graph, configs, absorbed, fused_out, outputs_float)
     builder = _PlanBuilder(graph, ValueFacts(graph))
     for node in graph:
         cfg = configs[id(node)]
@@ -275,7 +280,8 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
                 builder.state(node, node.inputs[0], _table_spec(spec), "weight", "weight", axes=(0, 1))  # type: ignore[arg-type]
             continue
         if node.op_type in PASSTHROUGH_OPS:
-            builder.passthrough(node)
+            builder.passthrough(node, keep_float=lambda v: outputs_float and _only_float_consumers(
+                v, configs, float_islands, True))
             continue
         info = OP_TABLE.get(node.op_type)
         if info is None or any(builder.facts.is_mask(o) for o in node.outputs):
@@ -306,8 +312,9 @@ def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
                 builder.input(node, i, value, spec)
         out = fused_out.get(id(node), node.outputs[0])
         spec = cfg.spec_for("output", port_name(node, 0, output=True), 0)
-        if node.op_type in _FLOAT_OUTPUT_OK and _only_float_consumers(out, configs, float_islands):
-            continue  # e.g. FFN2 -> residual Add -> LayerNorm: a pair there only adds error
+        float_ok = _FLOAT_OUTPUT_OK | (_GRAPH_OUTPUT_FLOAT_OK if out.is_graph_output() else frozenset())
+        if node.op_type in float_ok and _only_float_consumers(out, configs, float_islands, outputs_float):
+            continue  # e.g. FFN2 -> residual Add -> LayerNorm, or the logits Gemm: a pair there only adds error
         if spec is not None and _is_float(out):
             builder.output(node, out, spec)
     return builder.plan
@@ -319,14 +326,20 @@ _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Concat"})  # Concat: a ViT's cla
 #: Gemm, which onnxruntime still runs on integers from quantized inputs (MatMulIntegerToFloat). Conv keeps its
 #: output pair: onnxruntime fuses a QDQ Conv into QLinearConv only with one.
 _FLOAT_OUTPUT_OK = _ELEMENTWISE | {"MatMul", "Gemm"}
+#: With ``float_graph_outputs``, a graph output of these ops stays float too (cheap in float: pooling, means).
+_GRAPH_OUTPUT_FLOAT_OK = frozenset(OP_TABLE) - {"Conv", "ConvTranspose"}
 
 
 def _only_float_consumers(value: ir.Value, configs: dict[int, ModuleQuantizerConfig | None],
-                          float_islands: AbstractSet[int] = frozenset(), _depth: int = 0) -> bool:
+                          float_islands: AbstractSet[int] = frozenset(), outputs_float: bool = False,
+                          _depth: int = 0) -> bool:
     """True when no consumer of ``value`` reads it quantized (all are float ops such as LayerNormalization,
     element-wise ops of a float island, or pass-through ops - Gather, Reshape, ... - whose outputs only reach
-    such ops)."""
-    if value.is_graph_output() or not value.uses():
+    such ops). A graph output is a quantized reader unless ``outputs_float`` (``float_graph_outputs``: the
+    caller reads the model's outputs as float)."""
+    if value.is_graph_output() and not outputs_float:
+        return False
+    if not value.uses() and not value.is_graph_output():
         return False
     for use in value.uses():
         node = use.node
@@ -334,7 +347,7 @@ def _only_float_consumers(value: ir.Value, configs: dict[int, ModuleQuantizerCon
         if id(node) in float_islands:
             continue
         if op in PASSTHROUGH_OPS and configs.get(id(node)) is not None and _depth < 8:
-            if all(_only_float_consumers(o, configs, float_islands, _depth + 1) for o in node.outputs):
+            if all(_only_float_consumers(o, configs, float_islands, outputs_float, _depth + 1) for o in node.outputs):
                 continue  # e.g. the class-token Gather before a ViT's final LayerNorm
             return False
         quantizing = op in OP_TABLE or op in PASSTHROUGH_OPS or op in ACTIVATION_OPS
@@ -344,7 +357,7 @@ def _only_float_consumers(value: ir.Value, configs: dict[int, ModuleQuantizerCon
 
 
 def _float_islands(graph: ir.Graph, configs: dict[int, ModuleQuantizerConfig | None], absorbed: set[int],
-                   fused_out: dict[int, ir.Value]) -> set[int]:
+                   fused_out: dict[int, ir.Value], outputs_float: bool = False) -> set[int]:
     """Element-wise nodes computed in float: their output only reaches float ops (directly or through other
     such nodes), so quantizing their inputs buys no integer kernel and only adds error. A transformer's residual
     Add feeding LayerNorm is one; its inputs (the FFN's output with 50-100x outlier channels, the previous
@@ -355,7 +368,7 @@ def _float_islands(graph: ir.Graph, configs: dict[int, ModuleQuantizerConfig | N
                 or len(node.outputs) != 1):
             continue
         out = fused_out.get(id(node), node.outputs[0])
-        if _only_float_consumers(out, configs, islands):
+        if _only_float_consumers(out, configs, islands, outputs_float):
             islands.add(id(node))
     return islands
 
