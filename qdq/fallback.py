@@ -11,7 +11,10 @@ first calibration samples: ``qdq quantize --target-agreement 99.5`` uses ``--hol
    chosen op is tried back quantized and dropped from the set if the target still holds.
 
 Metrics on the model's first output against FP32: ``agreement`` (top-1 agreement, %, classifier outputs
-``[N, classes]``), ``sqnr`` (dB) or ``cosine`` (mean per sample). Candidates run finalized for onnxruntime, with its full
+``[N, classes]``: the lower of the agreement counted on the samples and :func:`~qdq.metrics.expected_agreement`,
+every sample's FP32 margin against every sample's quantization error — counted alone, the search fixes the
+few near-ties it happens to measure and the target misses on new data: EfficientNet-Lite0 99.61 % on the
+calibration photos, 98.77 % on held-out ones), ``sqnr`` (dB) or ``cosine`` (mean per sample). Candidates run finalized for onnxruntime, with its full
 optimization (its int8 kernels: what ships); the result is the config (base + ``op_name_configs``
 entries a user can read, edit and pass back with ``--config``) and its quantizer.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,13 +32,16 @@ from typing import Any
 import numpy as np
 
 from qdq.backends import ExportBackend
-from qdq.config import QuantizerConfig
+from qdq.config import ModuleQuantizerConfig, QuantizerConfig
+from qdq.dtypes import QDType
 from qdq.errors import ConfigError, DataError
-from qdq.metrics import sqnr_db
+from qdq.metrics import expected_agreement, sqnr_db
 from qdq.model_inputs import model_inputs
+from qdq.passes.annotate import config_resolver
 from qdq.progress import progress_bar
 from qdq.quantizer import Quantizer
 from qdq.session import make_session, run_batched
+from qdq.spec import PerChannelGranularity, QuantizationSpec
 
 __all__ = ["METRICS", "FallbackResult", "search_fallback"]
 
@@ -55,7 +62,8 @@ class FallbackResult:
     config: QuantizerConfig
     quantizer: Quantizer
     speed_cost: float | None = None  #: time with fallback / time fully quantized (onnxruntime, one batch)
-    sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)  #: output SQNR, only that op float
+    sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)  #: output SQNR, only that op changed
+    raised: list[str] = dataclasses.field(default_factory=list)  #: weights raised to int8 per channel instead
 
     def remeasure(self, quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
         """Measure ``quantizer`` (the chosen config, calibrated afresh) on the search's samples: it becomes
@@ -73,16 +81,18 @@ class FallbackResult:
         head = (f"target {self.metric} >= {fmt.format(self.target)}{unit}: "
                 f"{fmt.format(self.before)} -> {fmt.format(self.after)}{unit} with {len(self.ops)} of "
                 f"{self.candidates} quantized ops float")
+        ops = f": {', '.join(self.ops)}" if self.ops else ""
+        if self.raised:
+            ops += f"; {len(self.raised)} with int8 per-channel weights instead: {', '.join(self.raised)}"
         if not self.reached:
             head += " (not reached: no candidate set meets it)"
         speed = "" if self.speed_cost is None else f"; time x{self.speed_cost:.2f} of the fully quantized model"
-        ops = f": {', '.join(self.ops)}" if self.ops else ""
         return head + ops + speed + f" ({self.evaluations} evaluations)"
 
 
 def _score(metric: str, ref: np.ndarray, out: np.ndarray) -> float:
-    if metric == "agreement":
-        return float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100)
+    if metric == "agreement":  # the lower of the count and the estimate for new samples (no overfitting to ties)
+        return min(float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100), expected_agreement(ref, out))
     if metric == "sqnr":
         return sqnr_db(ref, out)
     r = ref.reshape(len(ref), -1).astype(np.float64)
@@ -136,11 +146,75 @@ class _Evaluator:
         return statistics.median(times)
 
 
-def _with_float_ops(config: QuantizerConfig, ops: Sequence[str]) -> QuantizerConfig:
+def _with_float_ops(config: QuantizerConfig, ops: Sequence[str],
+                    raised: Mapping[str, ModuleQuantizerConfig] | None = None) -> QuantizerConfig:
+    """``config`` with ``ops`` left float, or given their raised config where ``raised`` has one."""
     names = dict(config.op_name_configs)
     for op in ops:
-        names[op] = None
+        names[op] = (raised or {}).get(op)
     return dataclasses.replace(config, op_name_configs=names)
+
+
+def _raised_spec(spec: QuantizationSpec) -> QuantizationSpec | None:
+    """A weight spec at the next precision onnxruntime runs as fast: 4-bit -> 8-bit and per-tensor / per-block ->
+    per-channel (8-bit per-channel weights are what its integer kernels read). None when already there."""
+    wide = {QDType.INT4: QDType.INT8, QDType.UINT4: QDType.UINT8}.get(spec.dtype, spec.dtype)
+    if wide.is_float:
+        return None
+    per_channel = spec.granularity.to_dict()["type"] == "per_channel"
+    if wide == spec.dtype and per_channel:
+        return None
+    return spec.replace(dtype=wide, granularity=spec.granularity if per_channel else PerChannelGranularity())
+
+
+def _raised_configs(quantizer: Quantizer, ops: Sequence[str]) -> dict[str, ModuleQuantizerConfig]:
+    """Per op with a 4-bit, per-tensor or per-block weight: its config with that weight raised (everything else,
+    activations included, as it was: the statistics collected for them still hold)."""
+    weighted = {op for t in quantizer.plan.targets.values() if t.kind == "weight" for op in t.ops}
+    resolve = config_resolver(quantizer.config, quantizer.float_model.graph)
+    nodes = {n.name: n for n in quantizer.float_model.graph}
+    out: dict[str, ModuleQuantizerConfig] = {}
+    for op in ops:
+        cfg = resolve(nodes[op]) if op in weighted else None
+        if cfg is None or not cfg.op_state_spec:
+            continue
+        specs = {k: _raised_spec(v) if v is not None else None for k, v in cfg.op_state_spec.items()}
+        if any(v is not None for v in specs.values()):
+            out[op] = dataclasses.replace(cfg, op_state_spec={
+                k: specs[k] or v for k, v in cfg.op_state_spec.items()})
+    return out
+
+
+Trial = Callable[[Sequence[str]], "tuple[float, float, Quantizer] | None"]
+
+
+def _fewest(ops: Sequence[str], target: float, trial: Trial, progress: bool) -> tuple[list[str], float, dict[str, float]]:
+    """(chosen ops, their metric, sensitivity): ops ranked by the output SQNR with that op alone changed, the
+    smallest ranked prefix meeting ``target`` (binary search), then each chosen op put back when the target
+    holds without it. Without a prefix meeting it: every candidate and its metric."""
+    sensitivity: dict[str, float] = {}
+    for op in progress_bar(ops, desc="sensitivity", unit="op", disable=not progress):
+        if (t := trial([op])) is not None:
+            sensitivity[op] = t[1]
+    ranked = sorted(sensitivity, key=lambda op: -sensitivity[op])
+    top = trial(ranked)
+    if top is None or top[0] < target:  # unreachable: every candidate (or none, when that set cannot be planned)
+        return (ranked, top[0], sensitivity) if top is not None else ([], trial([])[0], sensitivity)  # type: ignore[index]
+    lo, hi = 1, len(ranked)
+    while lo < hi:  # smallest k whose top-k prefix meets the target
+        mid = (lo + hi) // 2
+        t = trial(ranked[:mid])
+        if t is not None and t[0] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = ranked[:lo]
+    for op in list(best)[::-1]:  # minimal: an op whose removal keeps the target goes back to quantized
+        rest = [o for o in best if o != op]
+        t = trial(rest)
+        if t is not None and t[0] >= target:
+            best = rest
+    return best, trial(best)[0], sensitivity  # type: ignore[index]
 
 
 def quantized_ops(quantizer: Quantizer) -> list[str]:
@@ -157,59 +231,40 @@ def search_fallback(quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndar
     base_cfg = quantizer.config
     before, _ = evaluate(quantizer)
     ops = quantized_ops(quantizer)
-    cache: dict[frozenset[str], tuple[float, Quantizer] | None] = {frozenset(): (before, quantizer)}
-    sqnr: dict[frozenset[str], float] = {}
+    cache: dict[frozenset[tuple[str, bool]], tuple[float, float, Quantizer] | None] = {
+        frozenset(): (before, math.inf, quantizer)}
 
-    def trial(chosen: Sequence[str]) -> tuple[float, Quantizer] | None:
-        key = frozenset(chosen)
+    def trial(chosen: Sequence[str], raised: Mapping[str, ModuleQuantizerConfig]) -> tuple[float, float, Quantizer] | None:
+        """(metric, output SQNR, quantizer) with ``chosen`` ops raised (where ``raised`` has them) or float."""
+        key = frozenset((op, op in raised) for op in chosen)
         if key not in cache:
-            candidate = quantizer.replan(_with_float_ops(base_cfg, chosen))
+            candidate = quantizer.replan(_with_float_ops(base_cfg, chosen, raised))
             if candidate.missing_statistics:
                 cache[key] = None
             else:
-                score, sqnr[key] = evaluate(candidate)
-                cache[key] = (score, candidate)
+                score, db = evaluate(candidate)
+                cache[key] = (score, db, candidate)
         return cache[key]
 
     result = FallbackResult(metric, target, before, before, [], len(ops), 0, base_cfg, quantizer)
     if before >= target or not ops:
         result.evaluations = evaluate.count
         return result
-    sensitivity: dict[str, float] = {}  # output SQNR with only that op float
-    for op in progress_bar(ops, desc="sensitivity", unit="op", disable=not progress):
-        if trial([op]) is not None:
-            sensitivity[op] = sqnr[frozenset([op])]
-    ranked = sorted(sensitivity, key=lambda op: -sensitivity[op])
-    lo, hi = 1, len(ranked)
-    best: list[str] | None = None
-    top = trial(ranked)
-    if top is None or top[0] < target:
-        chosen = ranked if top is not None else []
-        score = top[0] if top is not None else before
-    else:
-        while lo < hi:  # smallest k whose top-k prefix meets the target
-            mid = (lo + hi) // 2
-            t = trial(ranked[:mid])
-            if t is not None and t[0] >= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        best = ranked[:lo]
-        for op in list(best)[::-1]:  # minimal: an op whose removal keeps the target goes back to quantized
-            rest = [o for o in best if o != op]
-            t = trial(rest)
-            if t is not None and t[0] >= target:
-                best = rest
-        chosen = best
-        score = trial(best)[0]  # type: ignore[index]
-    final = trial(chosen)
+    raised = _raised_configs(quantizer, ops)
+    chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, raised), progress)
+    if score < target and raised:  # raising precision is not enough: leave ops float instead
+        chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, {}), progress)
+        raised = {}
+    final = trial(chosen, raised)
     assert final is not None
+    chosen_q = final[2]
     order = {op: i for i, op in enumerate(ops)}
     chosen = sorted(chosen, key=order.__getitem__)
-    result = FallbackResult(metric, target, before, score, chosen, len(ops), evaluate.count,
-                            _with_float_ops(base_cfg, chosen), final[1], sensitivity=sensitivity)
+    result = FallbackResult(metric, target, before, score, [op for op in chosen if op not in raised], len(ops),
+                            evaluate.count, _with_float_ops(base_cfg, chosen, raised), chosen_q,
+                            sensitivity=sensitivity, raised=[op for op in chosen if op in raised])
     if measure_speed and chosen:
-        result.speed_cost = evaluate.seconds(final[1]) / evaluate.seconds(quantizer)
+        result.speed_cost = evaluate.seconds(chosen_q) / evaluate.seconds(quantizer)
     result.evaluations = evaluate.count
     logger.info("fallback: %s", result.summary())
     return result

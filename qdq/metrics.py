@@ -19,7 +19,7 @@ import numpy as np
 from qdq.errors import ModelError
 
 __all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "Sqnr",
-           "neighbour_agreement", "sqnr_db", "top1"]
+           "expected_agreement", "neighbour_agreement", "sqnr_db", "top1"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,26 @@ def _nearest(e: np.ndarray) -> np.ndarray:
 def neighbour_agreement(ref: np.ndarray, test: np.ndarray) -> float:
     """Fraction of rows whose nearest other row (cosine) is the same in ``test`` as in ``ref`` ([N, D] each)."""
     return float(np.mean(_nearest(ref) == _nearest(test)))
+
+
+def expected_agreement(ref: np.ndarray, test: np.ndarray, *, max_errors: int = 256, chunk: int = 32) -> float:
+    """Top-1 agreement (%) to expect on new samples: every FP32 score row ``ref[i]`` plus every observed error
+    ``test[j] - ref[j]`` (up to ``max_errors`` of them, evenly spaced), counted as agreeing when its top-1 stays.
+
+    Agreement counted on the samples themselves moves in steps of one sample and hinges on the few near-ties
+    among them (a FP32 margin of 0.006 flips under any quantization); pairing each margin with every error
+    treats errors and margins as independent, which smooths the estimate and does not overfit which samples
+    happen to be near-ties. ``ref``/``test``: ``[N, classes]``."""
+    ref = np.asarray(ref, np.float32).reshape(len(ref), -1)
+    err = np.asarray(test, np.float32).reshape(len(test), -1) - ref
+    if len(err) > max_errors:
+        err = err[np.linspace(0, len(err) - 1, max_errors).round().astype(int)]
+    labels = ref.argmax(-1)
+    kept = 0
+    for i in range(0, len(ref), chunk):
+        rows = ref[i:i + chunk, None, :] + err[None, :, :]  # [chunk, errors, classes]
+        kept += int(np.count_nonzero(rows.argmax(-1) == labels[i:i + chunk, None]))
+    return 100.0 * kept / (len(ref) * len(err))
 
 
 class Counter:

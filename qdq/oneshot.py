@@ -214,7 +214,8 @@ def _first_samples(batches: Any, quantizer: Quantizer, count: int) -> list[dict[
 
 def _fallback_yaml(result: Any) -> str:
     head = (f"# qdq fallback: {result.summary()}\n"
-            "# the ops left float are op_name_configs entries set to null; pass this file back with --config\n")
+            "# ops left float are op_name_configs entries set to null (raised ones carry their int8 weight spec);\n"
+            "# pass this file back with --config\n")
     return head + result.config.to_yaml()
 
 

@@ -50,6 +50,8 @@ CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-globa
            "W8A8 + GPTQ (int8-gptq)": "int8-gptq",
            "W8A8 + AdaRound (int8 --algorithm adaround)": _with("int8", "adaround"),
            "W8A8 mse + AdaRound (int8 --calibrator mse --algorithm adaround)": _with("int8", "adaround", calibrator="mse"),
+           "W8A8 asymmetric mse + GPTQ (int8-asymmetric --calibrator mse --algorithm gptq)": _with(
+               "int8-asymmetric", "gptq", calibrator="mse"),
            "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4",
            "W4 asymmetric + GPTQ (w4-gptq)": "w4-gptq",
            "W4 asymmetric + AdaRound (w4-gptq with adaround)": dataclasses.replace(

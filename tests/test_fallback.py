@@ -136,3 +136,23 @@ def test_unreachable_target_on_a_static_batch_model(tmp_path: Path) -> None:
     r = found[0]
     assert not r.reached and "not reached" in r.summary() and len(r.ops) == r.candidates > 0
     assert r.after >= r.before and r.after == pytest.approx(1.0, abs=1e-6)  # all float: FP32 itself
+
+
+def test_w4_target_raises_weights_to_int8_per_channel_before_leaving_ops_float(digits_onnx, digits_data) -> None:
+    """Raising precision is tried first: an op whose 4-bit weight hurts gets int8 per-channel weights (its own
+    op_name_configs entry, which round-trips through YAML) rather than being left float."""
+    from qdq.dtypes import QDType
+
+    x = digits_data[0][:256]
+    q = _calibrated(digits_onnx, x, "w4")
+    measure = [{"x": x}]
+    before = search_fallback(q, measure, metric="sqnr", target=-100.0, progress=False).before
+    r = search_fallback(q, measure, metric="sqnr", target=before + 6.0, progress=False, measure_speed=False)
+    assert r.reached and r.raised and not r.ops, r.summary()
+    assert "with int8 per-channel weights instead" in r.summary()
+    for op in r.raised:
+        spec = r.config.op_name_configs[op].op_state_spec["weight"]
+        assert spec.dtype is QDType.INT8 and spec.granularity.to_dict()["type"] == "per_channel"
+    assert QuantizerConfig.from_yaml(r.config.to_yaml()).op_name_configs == r.config.op_name_configs
+    weights = {t.tensor: t for t in r.quantizer.plan.targets.values() if t.kind == "weight"}
+    assert {t.spec.dtype for t in weights.values()} == {QDType.INT4, QDType.INT8}

@@ -95,6 +95,30 @@ def test_sqnr_db() -> None:
     assert sqnr_db(np.zeros(2), np.ones(2)) == -math.inf
 
 
+def test_expected_agreement_pairs_every_margin_with_every_error() -> None:
+    """Two classes: a row keeps its top-1 under error j when margin_i + (error_j[c_i] - error_j[other]) > 0; the
+    estimate is the mean over all (i, j). A lone near-tie flipped by its own error costs the count a whole sample
+    but the estimate only that tie's share."""
+    from qdq.metrics import expected_agreement
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, (40, 2)).astype(np.float32)
+    test = ref + rng.normal(0, 0.3, ref.shape).astype(np.float32)
+    c = ref.argmax(-1)
+    margin = ref[np.arange(40), c] - ref[np.arange(40), 1 - c]
+    err = test - ref
+    want = np.mean([[margin[i] + err[j, c[i]] - err[j, 1 - c[i]] > 0 for j in range(40)] for i in range(40)]) * 100
+    assert expected_agreement(ref, test, chunk=7) == pytest.approx(want)
+    assert expected_agreement(ref, ref) == 100.0
+    wide = np.tile(np.array([[0.0, 5.0]], np.float32), (100, 1))
+    wide[0] = [2.0, 2.001]  # one near-tie, flipped by a tiny error of its own
+    noisy = wide.copy()
+    noisy[0] = [2.002, 2.001]
+    assert np.mean(noisy.argmax(-1) == wide.argmax(-1)) == 0.99
+    assert expected_agreement(wide, noisy) == pytest.approx(100 * (1 - 1 / 100 / 100))
+    assert expected_agreement(ref, test, max_errors=10) == pytest.approx(want, abs=8)
+
+
 def test_output_metrics_match_numpy(npy: Path, xs: np.ndarray, tmp_path: Path) -> None:
     onnx.save(fp32_model(), tmp_path / "fp.onnx")
     src = open_data(npy, ["x"])

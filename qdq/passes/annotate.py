@@ -50,7 +50,7 @@ from qdq.passes.value_ranges import ValueFacts
 from qdq.plan import QuantPlan, QuantTarget, TargetKind
 from qdq.spec import PerChannelGranularity, QScheme, QuantizationSpec
 
-__all__ = ["KEEP_FLOAT", "annotate", "unquantized_nodes"]
+__all__ = ["KEEP_FLOAT", "annotate", "config_resolver", "unquantized_nodes"]
 
 #: Node metadata key marking a node an algorithm inserted that the planner must leave float (a SmoothQuant Mul).
 KEEP_FLOAT = "qdq.keep_float"
@@ -119,6 +119,12 @@ _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BF
 def _is_float(value: ir.Value) -> bool:
     """Only float tensors are quantized (index math in int64 stays as is); unknown type counts as float."""
     return value.dtype is None or value.dtype in _FLOAT_TYPES
+
+
+def config_resolver(config: QuantizerConfig, graph: ir.Graph) -> Callable[[ir.Node], ModuleQuantizerConfig | None]:
+    """The config a node resolves to (op name -> op type -> global; None = float), as annotate resolves it."""
+    resolver = _ConfigResolver(config, graph)
+    return lambda node: resolver.resolve(node)[0]
 
 
 def unquantized_nodes(model: ir.Model, config: QuantizerConfig) -> set[str]:
