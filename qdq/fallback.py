@@ -9,6 +9,10 @@ first calibration samples: ``qdq quantize --target-agreement 99.5`` uses ``--hol
    is ever recalibrated, and one that would need new statistics is not a candidate.
 2. **Fewest ops.** The smallest prefix of that ranking that meets the target (binary search), then every
    chosen op is tried back quantized and dropped from the set if the target still holds.
+3. **Raise before float.** Where an op's weight is 4-bit, per-tensor or per-block, steps 1-2 first try it with
+   int8 per-channel weights instead of float (activations unchanged, so the statistics still hold); only if
+   that cannot meet the target are ops left float. A ``w4`` model keeps its int4 layers where they do no harm
+   and int8 where they do, instead of float copies.
 
 Metrics on the model's first output against FP32: ``agreement`` (top-1 agreement, %, classifier outputs
 ``[N, classes]``: the lower of the agreement counted on the samples and :func:`~qdq.metrics.expected_agreement`,
