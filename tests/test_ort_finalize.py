@@ -71,6 +71,22 @@ def effnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Quantizer, n
     return path, _calibrated(path, x), x
 
 
+def test_effnet_float_logits_keep_an_integer_gemm(effnet, tmp_path) -> None:
+    """The presets' float_graph_outputs: no pair on the logits, and onnxruntime still runs the Gemm on integers
+    (QGemm with float output); the logits come straight from it, not from a DequantizeLinear."""
+    from qdq.presets import preset
+
+    _, _, x = effnet
+    q = _calibrated(effnet[0], x, preset("int8"))
+    path = save(q.finalize(ExportBackend.ONNXRuntime), tmp_path / "effnet.int8.onnx")
+    counts = optimized_op_counts(path)
+    assert counts["QGemm"] == 1 and counts["Gemm"] == 0 and counts["QLinearConv"] == 49, counts
+    assert float_compute_nodes(path) == []
+    model = onnx.load(path)
+    (out,) = [n for n in model.graph.node if model.graph.output[0].name in n.output]
+    assert out.op_type == "Gemm", out.op_type  # the float-output Gemm onnxruntime fuses into QGemm
+
+
 def test_effnet_every_conv_add_gemm_is_integer_in_ort(effnet, tmp_path) -> None:
     fp32_path, q, _ = effnet
     final = q.finalize(ExportBackend.ONNXRuntime)
