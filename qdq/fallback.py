@@ -89,7 +89,8 @@ class FallbackResult:
         if self.raised:
             ops += f"; {len(self.raised)} with int8 per-channel weights instead: {', '.join(self.raised)}"
         if not self.reached:
-            head += " (not reached: no candidate set meets it)"
+            head += (" (not reached: no candidate set meets it; these ops get closest)" if self.ops or self.raised
+                     else " (not reached: no candidate set meets it or improves on the fully quantized model)")
         speed = "" if self.speed_cost is None else f"; time x{self.speed_cost:.2f} of the fully quantized model"
         return head + ops + speed + f" ({self.evaluations} evaluations)"
 
@@ -195,15 +196,18 @@ Trial = Callable[[Sequence[str]], "tuple[float, float, Quantizer] | None"]
 def _fewest(ops: Sequence[str], target: float, trial: Trial, progress: bool) -> tuple[list[str], float, dict[str, float]]:
     """(chosen ops, their metric, sensitivity): ops ranked by the output SQNR with that op alone changed, the
     smallest ranked prefix meeting ``target`` (binary search), then each chosen op put back when the target
-    holds without it. Without a prefix meeting it: every candidate and its metric."""
+    holds without it. When no set meets it, the same search for the best metric every candidate changed reaches
+    (none when that is no better than the fully quantized model: ops float for nothing)."""
     sensitivity: dict[str, float] = {}
     for op in progress_bar(ops, desc="sensitivity", unit="op", disable=not progress):
         if (t := trial([op])) is not None:
             sensitivity[op] = t[1]
     ranked = sorted(sensitivity, key=lambda op: -sensitivity[op])
     top = trial(ranked)
-    if top is None or top[0] < target:  # unreachable: every candidate (or none, when that set cannot be planned)
-        return (ranked, top[0], sensitivity) if top is not None else ([], trial([])[0], sensitivity)  # type: ignore[index]
+    base = trial([])[0]  # type: ignore[index]
+    if top is None or top[0] <= base and top[0] < target:  # nothing to gain: changing ops does not move the metric
+        return [], base, sensitivity
+    target = min(target, top[0])  # unreachable: the fewest ops that get as close as every candidate does
     lo, hi = 1, len(ranked)
     while lo < hi:  # smallest k whose top-k prefix meets the target
         mid = (lo + hi) // 2

@@ -1,6 +1,7 @@
 """Automatic fallback on EfficientNet-Lite0: `--target-agreement` on the calibration samples, judged on held-out photos.
 
-    python scripts/bench_fallback.py [--target 99.5] [--preset int8] [--out table.md]
+    python scripts/bench_fallback.py [--target 99.5] [--preset int8] [--calibrator mse] [--algorithm adaround]
+                                     [--out table.md]
 
 Calibrates on the first 256 ImageNet-sample images (../shared/data/imagenet-sample), searches the fallback
 on them (``holdout`` 256), evaluates the chosen model and the fully quantized one on the other 244 photos
@@ -30,6 +31,8 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=99.5, help="top-1 agreement with FP32, %%")
     parser.add_argument("--preset", default="int8")
     parser.add_argument("--calibrator", default=None, help="replace every activation calculator (e.g. mse)")
+    parser.add_argument("--algorithm", action="append", default=None,
+                        help="rounding algorithm(s) before calibration (adaround, gptq, cle); repeatable")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from models import efficientnet as eff
@@ -51,12 +54,15 @@ def main() -> int:
 
         batches = [calib_x[i:i + 32] for i in range(0, len(calib_x), 32)]
         plain = work / "plain.onnx"
-        qdq.quantize(fp32, args.preset, batches, output=plain, progress=False, calibrator=args.calibrator)
+        algorithms = [{"name": a} for a in args.algorithm or []]
+        qdq.quantize(fp32, args.preset, batches, output=plain, progress=False, calibrator=args.calibrator,
+                     algorithms=algorithms)
         found: list = []
         start = time.perf_counter()
         chosen = work / "fallback.onnx"
         qdq.quantize(fp32, args.preset, batches, output=chosen, progress=False, target_agreement=args.target,
-                     calibrator=args.calibrator, holdout=len(calib_x), on_fallback=found.append)
+                     calibrator=args.calibrator, algorithms=algorithms, holdout=len(calib_x),
+                     on_fallback=found.append)
         seconds = time.perf_counter() - start
         ref = logits(fp32)
         top2 = np.sort(ref, axis=1)[:, -2:]
@@ -72,10 +78,11 @@ def main() -> int:
                         f"{100 * (out.argmax(1) == ref.argmax(1)).mean():.2f} | {sqnr:.1f} |")
     r = found[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    how = f"--preset {args.preset}" + (f" --calibrator {args.calibrator}" if args.calibrator else "")
+    how = f"--preset {args.preset}" + (f" --calibrator {args.calibrator}" if args.calibrator else "") + "".join(
+        f" --algorithm {a}" for a in args.algorithm or [])
     lines = [(f"EfficientNet-Lite0 `{how} --target-agreement {args.target}`: calibrate and search on "
              f"{len(calib_x)} ImageNet-sample images, evaluate on the other {len(eval_x)}; {datetime.date.today()}, "
-             f"{cpu_name()}. Command: `python scripts/bench_fallback.py`."), "",
+             f"{cpu_name()}. Command: `python scripts/bench_fallback.py {' '.join(sys.argv[1:])}`."), "",
              f"Search: {r.summary()}; {seconds:.0f} s including calibration, peak RSS {peak:.2f} GB.", "",
              "| model (held-out photos) | top-1 % | agreement with FP32 % | logits SQNR dB |", "|---|---:|---:|---:|",
              f"| FP32 | {100 * (ref.argmax(1) == eval_y).mean():.2f} | 100.00 | — |", *rows, "",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -117,7 +118,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="calibration batch size")
     args = ap.parse_args()
 
+    for name in ("fp32", "calib", "eval", "labels", "out_dir"):
+        setattr(args, name, getattr(args, name).resolve())
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.out_dir)  # Quark appends a quantized_info.csv log to the working directory
     label = args.recipe if args.recipe == "plain" else f"best-{args.iters}"
     qpath = args.out_dir / f"quark_{label}.onnx"
     input_name = onnx.load(str(args.fp32), load_external_data=False).graph.input[0].name
