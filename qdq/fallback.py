@@ -8,7 +8,9 @@ first calibration samples: ``qdq quantize --target-agreement 99.5`` uses ``--hol
    ops (a continuous proxy: agreement on a few hundred samples moves in steps of one sample). Re-planning reuses the collected statistics (:meth:`Quantizer.replan`): no candidate
    is ever recalibrated, and one that would need new statistics is not a candidate.
 2. **Fewest ops.** The smallest prefix of that ranking that meets the target (binary search), then every
-   chosen op is tried back quantized and dropped from the set if the target still holds.
+   chosen op is tried back quantized and dropped from the set if the target still holds. A target no set meets
+   becomes the metric of every candidate changed, less the smallest gain that counts (one sample of agreement,
+   0.1 dB, 1e-4 cosine); none is changed when that is no better than the fully quantized model.
 3. **Raise before float.** Where an op's weight is 4-bit, per-tensor or per-block, steps 1-2 first try it with
    int8 per-channel weights instead of float (activations unchanged, so the statistics still hold); only if
    that cannot meet the target are ops left float. A ``w4`` model keeps its int4 layers where they do no harm
@@ -193,11 +195,13 @@ def _raised_configs(quantizer: Quantizer, ops: Sequence[str]) -> dict[str, Modul
 Trial = Callable[[Sequence[str]], "tuple[float, float, Quantizer] | None"]
 
 
-def _fewest(ops: Sequence[str], target: float, trial: Trial, progress: bool) -> tuple[list[str], float, dict[str, float]]:
+def _fewest(ops: Sequence[str], target: float, trial: Trial, progress: bool,
+            tolerance: float = 0.0) -> tuple[list[str], float, dict[str, float]]:
     """(chosen ops, their metric, sensitivity): ops ranked by the output SQNR with that op alone changed, the
     smallest ranked prefix meeting ``target`` (binary search), then each chosen op put back when the target
-    holds without it. When no set meets it, the same search for the best metric every candidate changed reaches
-    (none when that is no better than the fully quantized model: ops float for nothing)."""
+    holds without it. When no set meets it, the same search for the best metric every candidate changed reaches,
+    less ``tolerance`` (the smallest gain that counts: one sample of agreement, 0.1 dB, 1e-4 cosine), and none
+    when that is no better than the fully quantized model (ops float for nothing)."""
     sensitivity: dict[str, float] = {}
     for op in progress_bar(ops, desc="sensitivity", unit="op", disable=not progress):
         if (t := trial([op])) is not None:
@@ -205,9 +209,10 @@ def _fewest(ops: Sequence[str], target: float, trial: Trial, progress: bool) -> 
     ranked = sorted(sensitivity, key=lambda op: -sensitivity[op])
     top = trial(ranked)
     base = trial([])[0]  # type: ignore[index]
-    if top is None or top[0] <= base and top[0] < target:  # nothing to gain: changing ops does not move the metric
+    if top is not None and top[0] < target:  # unreachable: the fewest ops that get about as close as all do
+        target = top[0] - tolerance
+    if top is None or target <= base:  # nothing to gain: changing ops does not move the metric enough
         return [], base, sensitivity
-    target = min(target, top[0])  # unreachable: the fewest ops that get as close as every candidate does
     lo, hi = 1, len(ranked)
     while lo < hi:  # smallest k whose top-k prefix meets the target
         mid = (lo + hi) // 2
@@ -259,9 +264,10 @@ def search_fallback(quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndar
         result.evaluations = evaluate.count
         return result
     raised = _raised_configs(quantizer, ops)
-    chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, raised), progress)
+    tolerance = {"agreement": 100.0 / len(evaluate.ref), "sqnr": 0.1, "cosine": 1e-4}[metric]
+    chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, raised), progress, tolerance)
     if score < target and raised:  # raising precision is not enough: leave ops float instead
-        chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, {}), progress)
+        chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, {}), progress, tolerance)
         raised = {}
     final = trial(chosen, raised)
     assert final is not None
