@@ -6,7 +6,8 @@ first calibration samples: ``qdq quantize --target-agreement 99.5`` uses ``--hol
 1. **Sensitivity.** For every quantized op (every node a target was planned for) the model is re-planned
    with that op alone left float (``op_name_configs: {op: null}``) and measured; its output SQNR ranks the
    ops (a continuous proxy: agreement on a few hundred samples moves in steps of one sample). Re-planning reuses the collected statistics (:meth:`Quantizer.replan`): no candidate
-   is ever recalibrated, and one that would need new statistics is not a candidate.
+   is ever recalibrated, and one that would need new statistics is not a candidate. A layer a rounding
+   algorithm (GPTQ, AdaRound) changed gets its original weight and bias back when left float, as in the rebuild.
 2. **Fewest ops.** The smallest prefix of that ranking that meets the target (binary search), then every
    chosen op is tried back quantized and dropped from the set if the target still holds. A target no set meets
    becomes the metric of every candidate changed, less the smallest gain that counts (one sample of agreement,

@@ -129,6 +129,7 @@ class Quantizer:
         self.algorithm_notes: list[str] = []
         self._pending_algorithms = list(self.config.algorithms)
         self._pinned: dict[str, PinnedQParams] = {}  # weight qparams set by algorithms (GPTQ)
+        self._rounded: dict[str, dict[str, Any]] = {}  # weight -> its (and its bias's) values before rounding
         self.progress = True  # progress bars of algorithms (qdq.quantize / the CLI pass --quiet through)
         self.missing_statistics: list[str] = []  # replan(): activation targets with no calibration yet
         logger.info("plan: %s", self.plan.summary())
@@ -189,7 +190,7 @@ class Quantizer:
         for i, algorithm in enumerate(active):
             if i:  # the previous algorithm edited the model: plan what it made
                 plan = annotate(model, self.config)
-            context = AlgorithmContext(plan=plan, pinned=self._pinned, progress=self.progress)
+            context = AlgorithmContext(plan=plan, pinned=self._pinned, progress=self.progress, rounded=self._rounded)
             notes += algorithm.apply(model, feeds, context)
         self.float_model, self.plan = _upgraded_and_planned(model, self.config)
         self._bias_sites = bias_correction_sites(self.float_model, self.plan) if self.config.bias_correction else {}
@@ -272,6 +273,16 @@ class Quantizer:
 
         self._require_prepared()
         new = Quantizer(self.float_model, config)
+        weights = {t.tensor for t in new.plan.targets.values() if t.kind == "weight"}
+        restore = {name: value for weight, originals in self._rounded.items() if weight not in weights
+                   for name, value in originals.items()}
+        if restore:  # layers the new config leaves float: their weights (and biases) as they were before rounding
+            model = self.float_model.clone()
+            for name, value in restore.items():
+                if (init := model.graph.initializers.get(name)) is not None:
+                    init.const_value = ir.tensor(value, name=name)
+            new = Quantizer(model, config)
+        new._rounded = {w: o for w, o in self._rounded.items() if w in weights}
         new._pending_algorithms = []  # the float model already carries this quantizer's algorithms
         new._pinned = dict(self._pinned)
         new.progress = self.progress

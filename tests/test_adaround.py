@@ -66,3 +66,32 @@ def test_adaround_options() -> None:
         parse_algorithm("adaround:lr=3")
     with pytest.raises(ConfigError, match="iters must be"):
         parse_algorithm("adaround:iters=0")
+
+
+def test_replan_gives_a_layer_left_float_its_weights_before_rounding(digits_onnx, digits_data) -> None:
+    """A fallback candidate that leaves a rounded layer float runs it with its original weight and bias (what
+    the rebuilt model from the fallback YAML has), and the quantizer it was replanned from keeps its rounding."""
+    import onnx
+
+    from qdq.fallback import _with_float_ops
+
+    x_tr = digits_data[0]
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(digits_onnx)).graph.initializer}
+    cfg = dataclasses.replace(preset("int8"), algorithms=[{"name": "adaround", "iters": 50}])
+    q = Quantizer(digits_onnx, cfg)
+    q.progress = False
+    q.apply_algorithms([x_tr[i:i + 64] for i in range(0, 256, 64)])
+    q.prepare()
+    q.calibrate([x_tr[:256]], progress=False)
+    conv = next(n for n in q.float_model.graph if n.op_type == "Conv")
+    names = [v.name for v in conv.inputs[1:] if v is not None]
+    assert any(not np.array_equal(q.float_model.graph.initializers[n].const_value.numpy(), original[n])
+               for n in names)  # AdaRound moved the weight (and bias correction the bias)
+    new = q.replan(_with_float_ops(q.config, [conv.name]))
+    for n in names:
+        np.testing.assert_array_equal(new.float_model.graph.initializers[n].const_value.numpy(), original[n])
+    assert not np.array_equal(q.float_model.graph.initializers[names[0]].const_value.numpy(), original[names[0]])
+    other = next(n for n in new.float_model.graph if n.op_type in ("Conv", "Gemm", "MatMul") and n.name != conv.name)
+    w = other.inputs[1].name
+    np.testing.assert_array_equal(new.float_model.graph.initializers[w].const_value.numpy(),
+                                  q.float_model.graph.initializers[w].const_value.numpy())  # still rounded

@@ -46,6 +46,9 @@ class AlgorithmContext:
     plan: QuantPlan
     pinned: dict[str, PinnedQParams] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    #: weight name -> {initializer: value before rounding} (the weight and the bias its correction moved): a
+    #: layer a fallback leaves float gets its original values back (``Quantizer.replan``)
+    rounded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _as_bool(value: Any) -> bool:
