@@ -272,17 +272,16 @@ class Quantizer:
         import copy
 
         self._require_prepared()
-        new = Quantizer(self.float_model, config)
+        new = Quantizer(self.float_model, config)  # its own copy of the model: restoring below is safe
         weights = {t.tensor for t in new.plan.targets.values() if t.kind == "weight"}
-        restore = {name: value for weight, originals in self._rounded.items() if weight not in weights
-                   for name, value in originals.items()}
-        if restore:  # layers the new config leaves float: their weights (and biases) as they were before rounding
-            model = self.float_model.clone()
-            for name, value in restore.items():
-                if (init := model.graph.initializers.get(name)) is not None:
+        initializers = new.float_model.graph.initializers
+        for weight, originals in self._rounded.items():
+            if weight in weights:
+                new._rounded[weight] = originals
+                continue
+            for name, value in originals.items():  # a layer left float: weight and bias as before rounding
+                if (init := initializers.get(name)) is not None:
                     init.const_value = ir.tensor(value, name=name)
-            new = Quantizer(model, config)
-        new._rounded = {w: o for w, o in self._rounded.items() if w in weights}
         new._pending_algorithms = []  # the float model already carries this quantizer's algorithms
         new._pinned = dict(self._pinned)
         new.progress = self.progress

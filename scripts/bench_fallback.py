@@ -82,7 +82,7 @@ def main() -> int:
         f" --algorithm {a}" for a in args.algorithm or [])
     lines = [(f"EfficientNet-Lite0 `{how} --target-agreement {args.target}`: calibrate and search on "
              f"{len(calib_x)} ImageNet-sample images, evaluate on the other {len(eval_x)}; {datetime.date.today()}, "
-             f"{cpu_name()}. Command: `python scripts/bench_fallback.py {' '.join(sys.argv[1:])}`."), "",
+             f"{cpu_name()}. Command: `python scripts/bench_fallback.py {how} --target {args.target}`."), "",
              f"Search: {r.summary()}; {seconds:.0f} s including calibration, peak RSS {peak:.2f} GB.", "",
              "| model (held-out photos) | top-1 % | agreement with FP32 % | logits SQNR dB |", "|---|---:|---:|---:|",
              f"| FP32 | {100 * (ref.argmax(1) == eval_y).mean():.2f} | 100.00 | — |", *rows, "",

@@ -314,13 +314,13 @@ class LayerRounding(Algorithm):
         rtn = (np.clip(np.rint(wm / sm) + zm, qmin, qmax) - zm) * sm
         errors = (weighted_error(wm - rtn, h), weighted_error(wm - deq, h))
         originals = context.rounded.setdefault(ly.weight.name or "", {})
-        originals.setdefault(ly.weight.name or "", w.copy())
+        originals.setdefault(ly.weight.name or "", w)  # astype above made it a copy
         ly.weight.const_value = ir.tensor(ly.from_matrix(deq, w.shape), name=ly.weight.name)
         if self.options["bias_correction"] and ly.sums is not None and (b := ly.bias(model)) is not None:
             mean = ly.sums / max(ly.rows, 1)  # [groups, K]
             shift = np.einsum("gok,gk->go", wm.astype(np.float64) - deq, mean).reshape(-1)
             data = b.const_value.numpy()  # type: ignore[union-attr]
-            originals.setdefault(b.name or "", data.copy())
+            originals.setdefault(b.name or "", data)  # the bias gets a new tensor below; this one is not written
             b.const_value = ir.tensor((data.astype(np.float64) + shift.reshape(data.shape)).astype(np.float32),
                                       name=b.name)
         context.pinned[t.tensor] = PinnedQParams(t.spec, t.layout, QParams(qp.scale.copy(), qp.zero_point.copy()),
