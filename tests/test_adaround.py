@@ -95,3 +95,19 @@ def test_replan_gives_a_layer_left_float_its_weights_before_rounding(digits_onnx
     w = other.inputs[1].name
     np.testing.assert_array_equal(new.float_model.graph.initializers[w].const_value.numpy(),
                                   q.float_model.graph.initializers[w].const_value.numpy())  # still rounded
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "adaround"])
+def test_rounding_runs_a_static_batch_model_in_chunks(algorithm: str, tmp_path) -> None:
+    """A model whose batch is fixed at 1 is fed 8-sample calibration batches: the rounding statistics run them in
+    chunks of its batch (onnxruntime refused the whole batch)."""
+    from models.zoo import ZOO
+
+    zoo = ZOO["static_cnn"]
+    path = zoo.export(tmp_path / "static.onnx")
+    data = [zoo.data(8, i) for i in range(3)]
+    q = Quantizer(path, dataclasses.replace(preset("int8"), algorithms=[{"name": algorithm, "iters": 20}]
+                                            if algorithm == "adaround" else [{"name": algorithm}]))
+    q.progress = False
+    notes = q.apply_algorithms(lambda: iter(data))
+    assert notes and notes[-1].startswith(f"{algorithm}: ") and "weights rounded over 3 batches" in notes[-1]

@@ -257,11 +257,13 @@ class LayerRounding(Algorithm):
         sample = {k: v[:1] if np.ndim(v) > 0 else v for k, v in first.items()}
         inputs = {v.name for v in model.graph.inputs}
         fetch = [name for name in groups if name not in inputs]
-        from qdq.session import make_session
+        from qdq.model_inputs import model_inputs
+        from qdq.session import make_session, run_batched
 
         session = make_session(model, level="none", extra_outputs=fetch, arena=False,
                                label=f"model ({self.name} sizing)")
-        nbytes = dict(zip(fetch, (a.nbytes * per_batch for a in session.run(fetch, sample)), strict=True))
+        outs = run_batched(session, sample, model_inputs(model), fetch)  # a static batch runs padded to its size
+        nbytes = dict(zip(fetch, (a.nbytes * per_batch for a in outs), strict=True))
         del session
         budget = self.options["fetch_mb"] * 2 ** 20
         rounds: list[list[_Layer]] = []
@@ -277,16 +279,18 @@ class LayerRounding(Algorithm):
 
     def _statistics(self, model: ir.Model, layers: list[_Layer], batches: Callable[[], Iterable[Mapping[str, Any]]]) -> int:
         """Stream the calibration batches once, accumulating every layer's input Hessian; returns the batch count."""
-        from qdq.session import make_session
+        from qdq.model_inputs import model_inputs
+        from qdq.session import make_session, run_batched
 
         inputs = {v.name for v in model.graph.inputs}
         fetch = sorted({ly.x.name or "" for ly in layers if ly.x.name not in inputs})
         session = make_session(model, level="none", extra_outputs=fetch, arena=False,
                                label=f"model ({self.name} statistics)")
+        chunked = model_inputs(model)  # a static batch runs in chunks of its size
         count = 0
         for feeds in batches():
             feeds = dict(feeds)
-            values = dict(zip(fetch, session.run(fetch, feeds), strict=True)) if fetch else {}
+            values = dict(zip(fetch, run_batched(session, feeds, chunked, fetch), strict=True)) if fetch else {}
             for ly in layers:
                 x = values[ly.x.name] if ly.x.name in values else feeds[ly.x.name or ""]
                 if not np.all(np.isfinite(x)):

@@ -96,7 +96,8 @@ class SmoothQuant(Algorithm):
 
     def apply(self, model: ir.Model, batches: Callable[[], Iterable[Mapping[str, Any]]],
               context: AlgorithmContext | None = None) -> list[str]:
-        from qdq.session import make_session
+        from qdq.model_inputs import model_inputs
+        from qdq.session import make_session, run_batched
 
         groups = self.groups(model)
         if not groups:
@@ -104,10 +105,11 @@ class SmoothQuant(Algorithm):
                                                               else "") + "activation; nothing smoothed"]
         fetch = list(groups)
         session = make_session(model, level="none", extra_outputs=fetch, label="model (smoothquant pass)")
+        inputs = model_inputs(model)  # a static batch runs in chunks of its size
         amax: dict[str, np.ndarray] = {}
         count = 0
         for feeds in batches():
-            results = dict(zip(fetch, session.run(fetch, dict(feeds)), strict=True))
+            results = dict(zip(fetch, run_batched(session, dict(feeds), inputs, fetch), strict=True))
             for key in groups:
                 x = np.abs(np.asarray(results[key], np.float32))
                 m = x.reshape(-1, x.shape[-1]).max(axis=0) if x.size else np.zeros(x.shape[-1], np.float32)
