@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibrator", default=None,
                    help="override every activation calculator (e.g. percentile, entropy, mse); keeps all else")
     q.add_argument("--algorithm", action="append", default=None, metavar="NAME[:key=value,...]",
-                   help="run an algorithm pass on the calibration data before QDQ insertion (repeatable), "
-                        "e.g. smoothquant:alpha=0.7; added after the config's own")
+                   help="run an algorithm pass on the calibration data (repeatable): smoothquant, gptq, adaround, "
+                        "cle before calibration, sequential_bias_correction after it; e.g. smoothquant:alpha=0.7; "
+                        "added after the config's own")
     q.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), coreml or coreai")
     tgt = q.add_argument_group("accuracy target: leave the fewest ops float until it holds (writes OUT.fallback.yaml)")
     tgts = tgt.add_mutually_exclusive_group()

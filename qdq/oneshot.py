@@ -137,13 +137,12 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     def calibrated(quantizer: Quantizer) -> Quantizer:
         """Algorithms, then calibration: what ``--config`` does with the quantizer's config."""
         relevant = quantizer.relevant_algorithms()
+
+        def stream() -> Any:
+            return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)[0]
+
+        quantizer.progress = progress
         if relevant:
-
-            def stream() -> Any:
-                return _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std,
-                                text)[0]
-
-            quantizer.progress = progress
             for note in quantizer.apply_algorithms(stream):
                 logger.info("%s", note)
         batches: Any = None
@@ -163,6 +162,9 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         quantizer.prepare()
         if batches is not None:
             quantizer.calibrate(batches, total=total, progress=progress)
+        if relevant and quantizer.pending_calibrated_algorithms and calibration_data is not None:
+            for note in quantizer.apply_calibrated_algorithms(stream):
+                logger.info("%s", note)
         return quantizer
 
     quantizer = calibrated(quantizer)

@@ -127,7 +127,7 @@ class Quantizer:
         self._example_feeds: dict[str, np.ndarray] | None = None  # a slice of the first batch, to trace with
         self.prepared: PreparedModel | None = None
         self.algorithm_notes: list[str] = []
-        self._pending_algorithms = list(self.config.algorithms)
+        self._pending_algorithms, self._pending_calibrated = _split_by_stage(self.config.algorithms)
         self._pinned: dict[str, PinnedQParams] = {}  # weight qparams set by algorithms (GPTQ)
         self._rounded: dict[str, dict[str, Any]] = {}  # weight -> its (and its bias's) values before rounding
         self.progress = True  # progress bars of algorithms (qdq.quantize / the CLI pass --quiet through)
@@ -138,18 +138,26 @@ class Quantizer:
     @property
     def pending_algorithms(self) -> list[str]:
         """Names of the config's algorithms not applied yet (:meth:`apply_algorithms` runs them)."""
-        return [a["name"] for a in self._pending_algorithms]
+        return [a["name"] for a in [*self._pending_algorithms, *self._pending_calibrated]]
 
     def relevant_algorithms(self) -> list[str]:
         """Names of the pending algorithms that would change this model."""
         from qdq.algorithms import build_algorithm
 
-        return [a["name"] for a in self._pending_algorithms if build_algorithm(a).applies_to(self.float_model)]
+        return [a["name"] for a in [*self._pending_algorithms, *self._pending_calibrated]
+                if build_algorithm(a).applies_to(self.float_model)]
+
+    @property
+    def pending_calibrated_algorithms(self) -> list[str]:
+        """Names of the config's after-calibration algorithms not applied yet (:meth:`apply_calibrated_algorithms`)."""
+        return [a["name"] for a in self._pending_calibrated]
 
     def _skip_unapplied_algorithms(self) -> None:
         """prepare() without apply_algorithms(): the algorithms are skipped, with one warning naming those that would
         have changed this model (SmoothQuant on a CNN changes nothing: no warning)."""
-        relevant = self.relevant_algorithms()
+        from qdq.algorithms import build_algorithm
+
+        relevant = [a["name"] for a in self._pending_algorithms if build_algorithm(a).applies_to(self.float_model)]
         if relevant:
             logger.warning("algorithm(s) %s skipped: they need calibration data; call "
                            "quantizer.apply_algorithms(calibration_batches) before prepare() (qdq.quantize and the "
@@ -162,23 +170,12 @@ class Quantizer:
         batches, or a callable returning a fresh iterator of them), then re-plan. Call before :meth:`prepare`;
         :func:`qdq.quantize` and the CLI do. Returns the algorithms' notes."""
         from qdq.algorithms import AlgorithmContext, build_algorithm
-        from qdq.calibration.runner import as_feeds
 
         if self.prepared is not None:
             raise ConfigError("apply_algorithms() edits the float model: call it before prepare()")
         if not self._pending_algorithms:
             return []
-        if not callable(batches):
-            if iter(batches) is batches:  # a one-shot iterator: each algorithm streams the data again
-                batches = list(batches)
-            data = batches
-            batches = lambda: iter(data)
-        names = self.input_names
-
-        def feeds() -> Any:
-            for batch in batches():
-                yield as_feeds(batch, names)
-
+        feeds = self._feed_stream(batches)
         algorithms = [build_algorithm(spec) for spec in self._pending_algorithms]
         self._pending_algorithms = []
         active = [a for a in algorithms if a.applies_to(self.float_model)]
@@ -197,6 +194,55 @@ class Quantizer:
         self._qdq_cache = self._session = None
         self.algorithm_notes += notes
         logger.info("re-planned after %s: %s", ", ".join(n.split(":")[0] for n in notes), self.plan.summary())
+        return notes
+
+    def _feed_stream(self, batches: Any) -> Any:
+        """A callable returning a fresh iterator of feeds dicts from ``batches`` (a list of batches, a one-shot
+        iterator, read once into a list as each algorithm streams the data again, or such a callable)."""
+        from qdq.calibration.runner import as_feeds
+
+        if not callable(batches):
+            data = list(batches) if iter(batches) is batches else batches
+            batches = lambda: iter(data)
+        names = self.input_names
+
+        def feeds() -> Any:
+            for batch in batches():
+                yield as_feeds(batch, names)
+        return feeds
+
+    def apply_calibrated_algorithms(self, batches: Any) -> list[str]:
+        """Run the config's after-calibration algorithms (``sequential_bias_correction``) with ``batches`` (a list of
+        batches, or a callable returning a fresh iterator of them). Call after calibration, before :meth:`finalize`;
+        :func:`qdq.quantize` and the CLI do. They edit the float model's biases; the plan and the calibrated ranges
+        stay. Returns the algorithms' notes."""
+        from qdq.algorithms import AlgorithmContext, build_algorithm
+
+        if not self._pending_calibrated:
+            return []
+        self._require_prepared()
+        self.qdq_model()  # every activation range is calibrated (one DataError line if not)
+        feeds = self._feed_stream(batches)
+        reference = self.float_model.clone()
+        initializers = reference.graph.initializers
+        for originals in self._rounded.values():  # what the float model computed before GPTQ / AdaRound
+            for name, value in originals.items():
+                if (init := initializers.get(name)) is not None:
+                    init.const_value = ir.tensor(value, name=name)
+
+        def quantized() -> ir.Model:
+            self._qdq_cache = self._session = None  # the float model's biases may have moved
+            return self.qdq_model()
+
+        algorithms = [build_algorithm(spec) for spec in self._pending_calibrated]
+        self._pending_calibrated = []
+        notes: list[str] = []
+        for algorithm in algorithms:
+            context = AlgorithmContext(plan=self.plan, pinned=self._pinned, progress=self.progress,
+                                       rounded=self._rounded, quantized=quantized, reference=reference)
+            notes += algorithm.apply(self.float_model, feeds, context)
+        self._qdq_cache = self._session = None
+        self.algorithm_notes += notes
         return notes
 
     # ------------------------------------------------------------------ info
@@ -283,6 +329,7 @@ class Quantizer:
                 if (init := initializers.get(name)) is not None:
                     init.const_value = ir.tensor(value, name=name)
         new._pending_algorithms = []  # the float model already carries this quantizer's algorithms
+        new._pending_calibrated = []
         new._pinned = dict(self._pinned)
         new.progress = self.progress
         new._example_feeds = self._example_feeds
@@ -442,11 +489,28 @@ class Quantizer:
         ``output_names``, ``dynamic_batch``. ``example_inputs`` trace the program (default: a slice of the
         first calibration batch, else the graph's input shapes).
         """
+        if self._pending_calibrated:
+            logger.warning("algorithm(s) %s skipped: call quantizer.apply_calibrated_algorithms(calibration_batches) "
+                           "after calibration, before finalize() (qdq.quantize and the CLI do)",
+                           self.pending_calibrated_algorithms)
+            self.algorithm_notes.append(f"skipped, not applied after calibration: {self.pending_calibrated_algorithms}")
+            self._pending_calibrated = []
         if example_inputs is None and self._example_feeds is not None:
             feeds = self._example_feeds
             if all(name in feeds for name in self.input_names):
                 example_inputs = [feeds[name] for name in self.input_names]
         return finalize_model(self.qdq_model(), backend, example_inputs=example_inputs, **backend_options)
+
+
+def _split_by_stage(specs: Any) -> tuple[list[Any], list[Any]]:
+    """The config's algorithms that run before calibration, and those that run after it (in config order)."""
+    from qdq.algorithms import build_algorithm
+
+    before: list[Any] = []
+    after: list[Any] = []
+    for spec in specs:
+        (after if build_algorithm(spec).stage == "calibrated" else before).append(spec)
+    return before, after
 
 
 def _example_slice(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,6 +11,12 @@ notes; the quantizer then re-plans on the edited model. Register your own with :
 | `gptq`        | rounds MatMul/Gemm/Conv weights column by column, compensating each rounding error with the layer's input Hessian (Frantar et al. 2023) |
 | `adaround`    | learns each weight's rounding direction against the layer's output reconstruction error (Nagel et al. 2020) |
 | `cle`         | equalizes the per-channel weight ranges of consecutive Conv pairs through ReLU (Nagel et al. 2019) |
+| `sequential_bias_correction` | after calibration, layer by layer: moves each quantized layer's bias so its per-channel output mean matches the float model's |
+
+Most algorithms run before calibration (``stage = "float"``). One with ``stage = "calibrated"`` (sequential bias
+correction) needs the activation ranges: it runs after calibration (:meth:`Quantizer.apply_calibrated_algorithms`;
+``qdq.quantize`` and the CLI call it), with ``context.quantized()`` (the fake-quantized model at the current
+qparams) and ``context.reference`` (the float model before any rounding) to measure against.
 
 An algorithm that needs to know how weights will be quantized reads ``context.plan`` (the current plan of the
 model it edits); one that fixes a weight's grid itself records it in ``context.pinned`` (tensor name ->
@@ -49,6 +55,10 @@ class AlgorithmContext:
     #: weight name -> {initializer: value before rounding} (the weight and the bias its correction moved): a
     #: layer a fallback leaves float gets its original values back (``Quantizer.replan``)
     rounded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: calibrated-stage algorithms only: the fake-quantized model of the current float model, and the float model
+    #: as before rounding (what the quantized model should compute)
+    quantized: Callable[[], ir.Model] | None = None
+    reference: ir.Model | None = None
 
 
 def _as_bool(value: Any) -> bool:
@@ -66,6 +76,8 @@ class Algorithm:
     """Base class: ``OPTIONS`` maps option name -> (type, default); ``apply`` edits the model in place."""
 
     name: ClassVar[str] = ""
+    #: "float": runs on the float model before calibration; "calibrated": after it (needs activation ranges)
+    stage: ClassVar[str] = "float"
     OPTIONS: ClassVar[dict[str, tuple[type, Any]]] = {}
 
     def __init__(self, **options: Any) -> None:
@@ -141,4 +153,4 @@ def parse_algorithm(text: str) -> Algorithm:
 
 
 def _load_builtins() -> None:
-    from qdq.algorithms import adaround, cle, gptq, smoothquant  # noqa: F401  (register themselves)
+    from qdq.algorithms import adaround, cle, gptq, sequential_bias, smoothquant  # noqa: F401  (register themselves)

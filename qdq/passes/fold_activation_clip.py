@@ -27,14 +27,14 @@ from qdq.layout import QLayout
 from qdq.numerics import quantize
 from qdq.passes._qdq_nodes import const_array, drop_if_unused, is_q, qdtype, quant_ir_dtype, unique_initializer_name
 
-__all__ = ["FoldActivationClipPass", "fold_activation_clip"]
+__all__ = ["FoldActivationClipPass", "activation_bounds", "fold_activation_clip"]
 
 logger = logging.getLogger(__name__)
 
 _INT_CLIP_DTYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
 
 
-def _bounds(act: ir.Node) -> tuple[float | None, float | None] | None:
+def activation_bounds(act: ir.Node) -> tuple[float | None, float | None] | None:
     """(lo, hi) of a Relu / Clip with constant bounds (None = unbounded); None if not such a node."""
     if act.domain not in ("", "ai.onnx"):
         return None
@@ -81,7 +81,7 @@ def _fold(graph: ir.Graph, q: ir.Node, move: bool = True) -> str | None:
     act = x_q.producer() if x_q is not None else None
     if act is None or x_q is None or x_q.is_graph_output() or len(x_q.uses()) != 1:
         return None
-    bounds = _bounds(act)
+    bounds = activation_bounds(act)
     if bounds is None or act.inputs[0] is None:
         return None
     ir_dtype = quant_ir_dtype(q)
