@@ -119,7 +119,8 @@ class _Evaluator:
         self.metric = metric
         self.count = 0
         self.inputs = model_inputs(quantizer.float_model)  # static batches run in chunks of the model's batch
-        ref = self._outputs(make_session(quantizer.float_model, label="FP32 model"))
+        # the float model before rounding: GPTQ / AdaRound moved the weights of quantizer.float_model
+        ref = self._outputs(make_session(quantizer.reference_model(), label="FP32 model"))
         if metric == "agreement" and (ref.ndim != 2 or ref.shape[-1] < 2):
             raise ConfigError(f"--target-agreement needs class scores [N, classes] as the first output (got shape "
                               f"{list(ref.shape)}); use --target-sqnr or --target-cosine")

@@ -196,6 +196,18 @@ class Quantizer:
         logger.info("re-planned after %s: %s", ", ".join(n.split(":")[0] for n in notes), self.plan.summary())
         return notes
 
+    def reference_model(self) -> ir.Model:
+        """The float model as it computed before rounding algorithms (GPTQ, AdaRound) and bias corrections moved
+        weights and biases (a new model; equivalent rewrites such as CLE or SmoothQuant stay): what the quantized
+        model should reproduce."""
+        reference = self.float_model.clone()
+        initializers = reference.graph.initializers
+        for originals in self._rounded.values():
+            for name, value in originals.items():
+                if (init := initializers.get(name)) is not None:
+                    init.const_value = ir.tensor(value, name=name)
+        return reference
+
     def _feed_stream(self, batches: Any) -> Any:
         """A callable returning a fresh iterator of feeds dicts from ``batches`` (a list of batches, a one-shot
         iterator, read once into a list as each algorithm streams the data again, or such a callable)."""
@@ -223,12 +235,7 @@ class Quantizer:
         self._require_prepared()
         self.qdq_model()  # every activation range is calibrated (one DataError line if not)
         feeds = self._feed_stream(batches)
-        reference = self.float_model.clone()
-        initializers = reference.graph.initializers
-        for originals in self._rounded.values():  # what the float model computed before GPTQ / AdaRound
-            for name, value in originals.items():
-                if (init := initializers.get(name)) is not None:
-                    init.const_value = ir.tensor(value, name=name)
+        reference = self.reference_model()
 
         def quantized() -> ir.Model:
             self._qdq_cache = self._session = None  # the float model's biases may have moved

@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--preset", default="int8")
     parser.add_argument("--calibrator", default=None, help="replace every activation calculator (e.g. mse)")
     parser.add_argument("--algorithm", action="append", default=None,
-                        help="rounding algorithm(s) before calibration (adaround, gptq, cle); repeatable")
+                        help="algorithm(s): adaround, gptq, cle (before calibration), sequential_bias_correction (after); repeatable")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from models import efficientnet as eff

@@ -52,6 +52,14 @@ CONFIGS = {"W8A8 moving_average (int8)": "int8", "W8A8 global_minmax (int8-globa
            "W8A8 mse + AdaRound (int8 --calibrator mse --algorithm adaround)": _with("int8", "adaround", calibrator="mse"),
            "W8A8 asymmetric mse + GPTQ (int8-asymmetric --calibrator mse --algorithm gptq)": _with(
                "int8-asymmetric", "gptq", calibrator="mse"),
+           "W8A8 + sequential bias correction (int8 --algorithm sequential_bias_correction)": _with(
+               "int8", "sequential_bias_correction"),
+           "W8A8 mse + AdaRound + sequential bias correction (int8 --calibrator mse --algorithm adaround "
+           "--algorithm sequential_bias_correction)": _with("int8", "adaround", "sequential_bias_correction",
+                                                            calibrator="mse"),
+           "W8A8 asymmetric mse + GPTQ + sequential bias correction (int8-asymmetric --calibrator mse --algorithm "
+           "gptq --algorithm sequential_bias_correction)": _with("int8-asymmetric", "gptq",
+                                                                 "sequential_bias_correction", calibrator="mse"),
            "FP8 e4m3 (fp8)": "fp8", "W8 weight-only (w8)": "w8", "W4 per-block 32 (w4)": "w4",
            "W4 asymmetric + GPTQ (w4-gptq)": "w4-gptq",
            "W4 asymmetric + AdaRound (w4-gptq with adaround)": dataclasses.replace(

@@ -111,3 +111,21 @@ def test_rounding_runs_a_static_batch_model_in_chunks(algorithm: str, tmp_path) 
     q.progress = False
     notes = q.apply_algorithms(lambda: iter(data))
     assert notes and notes[-1].startswith(f"{algorithm}: ") and "weights rounded over 3 batches" in notes[-1]
+
+
+def test_fallback_measures_against_the_float_model_before_rounding(digits_onnx, digits_data) -> None:
+    """The fallback search's reference is the model before AdaRound moved its weights: leaving every op float
+    reproduces it exactly (it was measured against the rounded float model, so that candidate looked 25 dB off)."""
+    from qdq.fallback import _Evaluator, _with_float_ops, quantized_ops
+
+    x_tr = digits_data[0]
+    cfg = dataclasses.replace(preset("int8"), algorithms=[{"name": "adaround", "iters": 50}])
+    q = Quantizer(digits_onnx, cfg)
+    q.progress = False
+    q.apply_algorithms([x_tr[i:i + 64] for i in range(0, 256, 64)])
+    q.prepare()
+    q.calibrate([x_tr[:256]], progress=False)
+    evaluate = _Evaluator(q, [{"x": x_tr[:128]}], "sqnr")
+    fp32 = make_session(str(digits_onnx)).run(None, {"x": x_tr[:128]})[0]
+    np.testing.assert_array_equal(evaluate.ref, fp32)
+    assert evaluate(q.replan(_with_float_ops(q.config, quantized_ops(q))))[0] == np.inf
