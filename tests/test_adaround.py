@@ -68,6 +68,16 @@ def test_adaround_options() -> None:
         parse_algorithm("adaround:iters=0")
 
 
+def _calibrated_with_adaround(path, x_tr: np.ndarray) -> Quantizer:
+    """A calibrated int8 quantizer of ``path`` whose weights AdaRound (50 iterations) rounded."""
+    q = Quantizer(path, dataclasses.replace(preset("int8"), algorithms=[{"name": "adaround", "iters": 50}]))
+    q.progress = False
+    q.apply_algorithms([x_tr[i:i + 64] for i in range(0, 256, 64)])
+    q.prepare()
+    q.calibrate([x_tr[:256]], progress=False)
+    return q
+
+
 def test_replan_gives_a_layer_left_float_its_weights_before_rounding(digits_onnx, digits_data) -> None:
     """A fallback candidate that leaves a rounded layer float runs it with its original weight and bias (what
     the rebuilt model from the fallback YAML has), and the quantizer it was replanned from keeps its rounding."""
@@ -77,12 +87,7 @@ def test_replan_gives_a_layer_left_float_its_weights_before_rounding(digits_onnx
 
     x_tr = digits_data[0]
     original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(digits_onnx)).graph.initializer}
-    cfg = dataclasses.replace(preset("int8"), algorithms=[{"name": "adaround", "iters": 50}])
-    q = Quantizer(digits_onnx, cfg)
-    q.progress = False
-    q.apply_algorithms([x_tr[i:i + 64] for i in range(0, 256, 64)])
-    q.prepare()
-    q.calibrate([x_tr[:256]], progress=False)
+    q = _calibrated_with_adaround(digits_onnx, x_tr)
     conv = next(n for n in q.float_model.graph if n.op_type == "Conv")
     names = [v.name for v in conv.inputs[1:] if v is not None]
     assert any(not np.array_equal(q.float_model.graph.initializers[n].const_value.numpy(), original[n])
@@ -119,12 +124,7 @@ def test_fallback_measures_against_the_float_model_before_rounding(digits_onnx, 
     from qdq.fallback import _Evaluator, _with_float_ops, quantized_ops
 
     x_tr = digits_data[0]
-    cfg = dataclasses.replace(preset("int8"), algorithms=[{"name": "adaround", "iters": 50}])
-    q = Quantizer(digits_onnx, cfg)
-    q.progress = False
-    q.apply_algorithms([x_tr[i:i + 64] for i in range(0, 256, 64)])
-    q.prepare()
-    q.calibrate([x_tr[:256]], progress=False)
+    q = _calibrated_with_adaround(digits_onnx, x_tr)
     evaluate = _Evaluator(q, [{"x": x_tr[:128]}], "sqnr")
     fp32 = make_session(str(digits_onnx)).run(None, {"x": x_tr[:128]})[0]
     np.testing.assert_array_equal(evaluate.ref, fp32)
