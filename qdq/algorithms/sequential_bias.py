@@ -215,8 +215,9 @@ class SequentialBiasCorrection(Algorithm):
         from qdq.session import make_session, run_batched
 
         # finalized for onnxruntime and optimized: its integer kernels, 5-8x faster than the fake-quant graph run
-        # unoptimized. Not the prepared graph optimized: onnxruntime 1.32 mis-fuses it when some ops are left float
-        # (EfficientNet-Lite0 with 16 float ops: 21.2 dB at level all, 27.5 dB unoptimized and finalized)
+        # unoptimized. Not the prepared graph optimized: there onnxruntime 1.32 quantizes the float weight of a
+        # Conv left float between a DequantizeLinear and a QuantizeLinear itself, per tensor, into a QLinearConv
+        # (EfficientNet-Lite0 with its first depthwise conv float: 10 dB instead of 24); finalize keeps it float
         cut = finalize_model(_truncated(quantized, name))
         session = make_session(cut, arena=False, label=f"quantized model ({self.name})")
         inputs = model_inputs(cut)
