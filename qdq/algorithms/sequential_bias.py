@@ -111,7 +111,8 @@ def _passed_band(reference: ir.Model, name: str) -> tuple[float, float] | None:
 @register_algorithm("sequential_bias_correction")
 class SequentialBiasCorrection(Algorithm):
     """Options: ``samples`` (calibration samples measured; 0 = all of them, default 128), ``fetch_samples``
-    (samples per run of the float pass, which fetches every corrected layer's output at once; default 4)."""
+    (samples per run of the float pass, which fetches every corrected layer's output at once; default 4; the
+    quantized passes fetch one tensor and run four times as many)."""
 
     stage: ClassVar[str] = "calibrated"
     OPTIONS: ClassVar[dict[str, tuple[type, Any]]] = {"samples": (int, 128), "fetch_samples": (int, 4)}
@@ -223,10 +224,13 @@ class SequentialBiasCorrection(Algorithm):
         inputs = model_inputs(cut)
         sums = _ChannelSums(axis, band)
         for feeds in self._feeds(batches, inputs):
-            sums.add(run_batched(session, feeds, inputs)[0], name, self.name)
+            n = inputs.batch_len(feeds) or 1
+            for part in _split(feeds, n, inputs, _Q_RUN * self.options["fetch_samples"]):  # one tensor fetched
+                sums.add(run_batched(session, part, inputs)[0], name, self.name)
         return sums.mean() if sums.total is not None else None
 
 
+_Q_RUN = 4  # the quantized pass fetches one tensor: it runs this many times fetch_samples at once
 _MIN_PASSED = 0.01  # a channel its activation passes less often is left alone (a bias shift would be a guess)
 
 
@@ -244,14 +248,13 @@ class _ChannelSums:
             raise DataError(f"{who}: tensor {name} has NaN/Inf on the calibration data")
         ax = self.axis % y.ndim
         others = tuple(i for i in range(y.ndim) if i != ax)
-        y64 = y.astype(np.float64)
         if self.band is not None:
             lo, hi = self.band
-            inside = ((y64 > lo) & (y64 < hi)).sum(axis=others)
-            y64 = np.clip(y64, lo, hi)
+            inside = ((y > lo) & (y < hi)).sum(axis=others)
+            y = np.clip(y, lo, hi)
         else:
             inside = np.full(y.shape[ax], y.size // y.shape[ax])
-        part = y64.sum(axis=others)
+        part = y.sum(axis=others, dtype=np.float64)  # float64 sums without a float64 copy of y
         self.total = part if self.total is None else self.total + part
         self.inside = inside if self.inside is None else self.inside + inside
         self.count += y.size // y.shape[ax]
