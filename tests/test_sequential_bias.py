@@ -95,10 +95,11 @@ def test_a_layer_left_float_gets_its_bias_back(digits_onnx, digits_data) -> None
     np.testing.assert_array_equal(new.float_model.graph.initializers[bias].const_value.numpy(), original[bias])
 
 
-@pytest.mark.parametrize("name", ["bert", "static_cnn"])
+@pytest.mark.parametrize("name", ["bert", "static_cnn", "fp16"])
 def test_runs_on_unseen_models(name: str, tmp_path) -> None:
-    """A transformer with int64 inputs (MatMul + Add biases) and a CNN whose batch is fixed at 1 fed 8-sample
-    batches: both are corrected through qdq.quantize, and the output stays close to the float model's."""
+    """A transformer with int64 inputs (MatMul + Add biases), a CNN whose batch is fixed at 1 fed 8-sample
+    batches and a float16 CNN fed float32 data: each is corrected through qdq.quantize, and the output stays
+    close to the float model's."""
     from models.zoo import ZOO
 
     zoo = ZOO[name]
@@ -110,6 +111,7 @@ def test_runs_on_unseen_models(name: str, tmp_path) -> None:
     feeds = inputs.feeds(data[0])
     ref = run_batched(make_session(str(path)), feeds, inputs)[0]
     got = run_batched(make_session(model), feeds, inputs)[0]
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
     sqnr = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
     assert sqnr > 15, sqnr
     q = Quantizer(path, cfg)

@@ -173,8 +173,9 @@ class SequentialBiasCorrection(Algorithm):
     def _feeds(self, batches: Callable[[], Iterable[Mapping[str, Any]]], inputs: Any) -> Iterable[dict[str, Any]]:
         """The first ``samples`` samples of ``batches()`` (all of them for 0), as feeds of ``inputs``."""
         limit, seen = self.options["samples"], 0
-        for feeds in batches():
-            feeds = {k: v for k, v in dict(feeds).items() if k in inputs.by_name}
+        for batch in batches():
+            # checked and cast to the model's input dtypes (a float16 model gets float16)
+            feeds = inputs.feeds({k: v for k, v in dict(batch).items() if k in inputs.by_name}, "calibration batch")
             n = inputs.batch_len(feeds) or 1
             if limit and seen + n > limit:
                 take = limit - seen
