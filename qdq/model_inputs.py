@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qdq.errors import DataError, ModelError, first_line
 
-__all__ = ["Chunk", "Dim", "InputSpec", "ModelInputs", "fmt_shape", "is_float", "iter_chunks", "join_outputs", "model_inputs"]
+__all__ = ["Chunk", "Dim", "InputSpec", "ModelInputs", "first_samples", "fmt_shape", "is_float", "iter_chunks", "join_outputs", "model_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +330,20 @@ def iter_chunks(feeds: Mapping[str, np.ndarray], inputs: ModelInputs, step: int 
             yield Chunk(part, start, real, size)
         else:
             yield Chunk(part, start, real, real)
+
+
+def first_samples(batches: Iterable[Any], inputs: ModelInputs, count: int) -> Iterator[dict[str, np.ndarray]]:
+    """Checked feeds of the first ``count`` samples of ``batches`` (all of them when ``count`` is 0), the last
+    batch cut short; streamed, so nothing past them is read."""
+    seen = 0
+    for batch in batches:
+        feeds = inputs.feeds(batch, "calibration batch")
+        n = inputs.batch_len(feeds) or 1
+        take = n if not count else min(n, count - seen)
+        yield {k: (v[:take] if getattr(v, "ndim", 0) and len(v) == n else v) for k, v in feeds.items()}
+        seen += take
+        if count and seen >= count:
+            return
 
 
 def join_outputs(names: Sequence[str], parts: Sequence[tuple[Chunk, list[np.ndarray]]]) -> list[np.ndarray]:

@@ -198,20 +198,9 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
 
 def _first_samples(batches: Any, quantizer: Quantizer, count: int) -> list[dict[str, Any]]:
     """Feeds of the first ``count`` samples of ``batches`` (the fallback search's measurement set)."""
-    from qdq.model_inputs import model_inputs
+    from qdq.model_inputs import first_samples, model_inputs
 
-    inputs = model_inputs(quantizer.float_model)
-    out: list[dict[str, Any]] = []
-    seen = 0
-    for batch in batches:
-        feeds = inputs.feeds(batch, "calibration batch")
-        n = inputs.batch_len(feeds) or 1
-        take = min(n, count - seen)
-        out.append({k: (v[:take] if getattr(v, "ndim", 0) and len(v) == n else v) for k, v in feeds.items()})
-        seen += take
-        if seen >= count:
-            break
-    return out
+    return list(first_samples(batches, model_inputs(quantizer.float_model), count))
 
 
 def _fallback_yaml(result: Any) -> str:

@@ -142,10 +142,12 @@ class Quantizer:
 
     def relevant_algorithms(self) -> list[str]:
         """Names of the pending algorithms that would change this model."""
+        return self._relevant([*self._pending_algorithms, *self._pending_calibrated])
+
+    def _relevant(self, specs: list[Any]) -> list[str]:
         from qdq.algorithms import build_algorithm
 
-        return [a["name"] for a in [*self._pending_algorithms, *self._pending_calibrated]
-                if build_algorithm(a).applies_to(self.float_model)]
+        return [a["name"] for a in specs if build_algorithm(a).applies_to(self.float_model)]
 
     @property
     def pending_calibrated_algorithms(self) -> list[str]:
@@ -155,9 +157,7 @@ class Quantizer:
     def _skip_unapplied_algorithms(self) -> None:
         """prepare() without apply_algorithms(): the algorithms are skipped, with one warning naming those that would
         have changed this model (SmoothQuant on a CNN changes nothing: no warning)."""
-        from qdq.algorithms import build_algorithm
-
-        relevant = [a["name"] for a in self._pending_algorithms if build_algorithm(a).applies_to(self.float_model)]
+        relevant = self._relevant(self._pending_algorithms)
         if relevant:
             logger.warning("algorithm(s) %s skipped: they need calibration data; call "
                            "quantizer.apply_algorithms(calibration_batches) before prepare() (qdq.quantize and the "
@@ -201,11 +201,7 @@ class Quantizer:
         weights and biases (a new model; equivalent rewrites such as CLE or SmoothQuant stay): what the quantized
         model should reproduce."""
         reference = self.float_model.clone()
-        initializers = reference.graph.initializers
-        for originals in self._rounded.values():
-            for name, value in originals.items():
-                if (init := initializers.get(name)) is not None:
-                    init.const_value = ir.tensor(value, name=name)
+        _restore(reference, self._rounded.values())
         return reference
 
     def _feed_stream(self, batches: Any) -> Any:
@@ -233,18 +229,16 @@ class Quantizer:
         if not self._pending_calibrated:
             return []
         self._require_prepared()
-        self.qdq_model()  # every activation range is calibrated (one DataError line if not)
+        quantized = self.qdq_model()  # every activation range is calibrated (one DataError line if not)
         feeds = self._feed_stream(batches)
         reference = self.reference_model()
-
-        def quantized() -> ir.Model:
-            self._qdq_cache = self._session = None  # the float model's biases may have moved
-            return self.qdq_model()
-
         algorithms = [build_algorithm(spec) for spec in self._pending_calibrated]
         self._pending_calibrated = []
         notes: list[str] = []
-        for algorithm in algorithms:
+        for i, algorithm in enumerate(algorithms):
+            if i:  # the previous algorithm moved the float model's biases
+                self._qdq_cache = self._session = None
+                quantized = self.qdq_model()
             context = AlgorithmContext(plan=self.plan, pinned=self._pinned, progress=self.progress,
                                        rounded=self._rounded, quantized=quantized, reference=reference)
             notes += algorithm.apply(self.float_model, feeds, context)
@@ -327,14 +321,9 @@ class Quantizer:
         self._require_prepared()
         new = Quantizer(self.float_model, config)  # its own copy of the model: restoring below is safe
         weights = {t.tensor for t in new.plan.targets.values() if t.kind == "weight"}
-        initializers = new.float_model.graph.initializers
-        for weight, originals in self._rounded.items():
-            if weight in weights:
-                new._rounded[weight] = originals
-                continue
-            for name, value in originals.items():  # a layer left float: weight and bias as before rounding
-                if (init := initializers.get(name)) is not None:
-                    init.const_value = ir.tensor(value, name=name)
+        new._rounded = {w: originals for w, originals in self._rounded.items() if w in weights}
+        # a layer left float: weight and bias as before rounding
+        _restore(new.float_model, (o for w, o in self._rounded.items() if w not in weights))
         new._pending_algorithms = []  # the float model already carries this quantizer's algorithms
         new._pending_calibrated = []
         new._pinned = dict(self._pinned)
@@ -507,6 +496,15 @@ class Quantizer:
             if all(name in feeds for name in self.input_names):
                 example_inputs = [feeds[name] for name in self.input_names]
         return finalize_model(self.qdq_model(), backend, example_inputs=example_inputs, **backend_options)
+
+
+def _restore(model: ir.Model, groups: Iterable[Mapping[str, np.ndarray]]) -> None:
+    """Give ``model``'s initializers named in ``groups`` (name -> value before an algorithm moved it) those values."""
+    initializers = model.graph.initializers
+    for originals in groups:
+        for name, value in originals.items():
+            if (init := initializers.get(name)) is not None:
+                init.const_value = ir.tensor(value, name=name)
 
 
 def _split_by_stage(specs: Any) -> tuple[list[Any], list[Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qdq.errors import ConfigError, DataError, ModelError, first_line
-from qdq.model_inputs import ModelInputs, iter_chunks, join_outputs
+from qdq.model_inputs import Chunk, ModelInputs, iter_chunks, join_outputs
 from qdq.model_io import external_data_dir
 
-__all__ = ["DEFAULT_PROVIDERS", "OPT_LEVELS", "make_session", "opt_level", "ort_feeds", "run", "run_batched",
-           "session_options"]
+__all__ = ["DEFAULT_PROVIDERS", "OPT_LEVELS", "iter_batched", "make_session", "opt_level", "ort_feeds", "run",
+           "run_batched", "session_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,20 @@ def run(session: ort.InferenceSession, fetch: Sequence[str] | None, feeds: Mappi
                         "check the data matches the model inputs") from exc
 
 
+def iter_batched(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], inputs: ModelInputs,
+                 fetch: Sequence[str] | None = None, *, step: int | None = None,
+                 start: int = 0) -> Iterator[tuple[Chunk, list[np.ndarray]]]:
+    """Run checked ``feeds`` in runs of the model's static batch (or of ``step`` samples for a dynamic one),
+    yielding each run's chunk and outputs, padding copies dropped: a caller that reduces the outputs run by run
+    never holds a whole batch of them."""
+    names = [o.name for o in session.get_outputs()] if fetch is None else list(fetch)
+    for chunk in iter_chunks(feeds, inputs, step):
+        outs = run(session, names, chunk.feeds, start=start + chunk.start)
+        if chunk.padded != chunk.real:
+            outs = [o[:chunk.real] if o.ndim and o.shape[0] == chunk.padded else o for o in outs]
+        yield chunk, outs
+
+
 def run_batched(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], inputs: ModelInputs,
                 fetch: Sequence[str] | None = None, *, start: int = 0) -> list[np.ndarray]:
     """Run checked ``feeds`` (see :meth:`ModelInputs.feeds`) in runs of the model's static batch.
@@ -175,13 +189,7 @@ def run_batched(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], 
     outputs (where an output's dim 0 is the batch), which are joined along dim 0.
     """
     names = [o.name for o in session.get_outputs()] if fetch is None else list(fetch)
-    parts = []
-    for chunk in iter_chunks(feeds, inputs):
-        outs = run(session, names, chunk.feeds, start=start + chunk.start)
-        if chunk.padded != chunk.real:
-            outs = [o[:chunk.real] if o.ndim and o.shape[0] == chunk.padded else o for o in outs]
-        parts.append((chunk, outs))
-    return join_outputs(names, parts)
+    return join_outputs(names, list(iter_batched(session, feeds, inputs, names, start=start)))
 
 
 def _with_outputs(proto: onnx.ModelProto, extra: Sequence[str], label: str) -> bytes:

@@ -15,8 +15,8 @@ notes; the quantizer then re-plans on the edited model. Register your own with :
 
 Most algorithms run before calibration (``stage = "float"``). One with ``stage = "calibrated"`` (sequential bias
 correction) needs the activation ranges: it runs after calibration (:meth:`Quantizer.apply_calibrated_algorithms`;
-``qdq.quantize`` and the CLI call it), with ``context.quantized()`` (the fake-quantized model at the current
-qparams) and ``context.reference`` (the float model before any rounding) to measure against.
+``qdq.quantize`` and the CLI call it), with ``context.quantized`` (the fake-quantized model at the current
+qparams, a copy it may edit) and ``context.reference`` (the float model before any rounding) to measure against.
 
 An algorithm that needs to know how weights will be quantized reads ``context.plan`` (the current plan of the
 model it edits); one that fixes a weight's grid itself records it in ``context.pinned`` (tensor name ->
@@ -57,7 +57,7 @@ class AlgorithmContext:
     rounded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     #: calibrated-stage algorithms only: the fake-quantized model of the current float model, and the float model
     #: as before rounding (what the quantized model should compute)
-    quantized: Callable[[], ir.Model] | None = None
+    quantized: ir.Model | None = None
     reference: ir.Model | None = None
 
 

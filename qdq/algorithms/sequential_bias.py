@@ -86,6 +86,12 @@ def correction_sites(model: ir.Model, weights: set[str]) -> list[tuple[ir.Node, 
     return sites
 
 
+def _lower(value: ir.Value, shift: np.ndarray) -> None:
+    """Subtract ``shift`` from the constant ``value`` (in float64, stored in its own dtype)."""
+    data = value.const_value.numpy()  # type: ignore[union-attr]
+    value.const_value = ir.tensor((data.astype(np.float64) - shift).astype(data.dtype), name=value.name)
+
+
 def _truncated(model: ir.Model, name: str) -> ir.Model:
     """A copy of ``model`` whose only output is tensor ``name``, without the nodes it does not need."""
     cut = model.clone()
@@ -97,10 +103,9 @@ def _truncated(model: ir.Model, name: str) -> ir.Model:
     return cut
 
 
-def _passed_band(reference: ir.Model, name: str) -> tuple[float, float] | None:
-    """(lo, hi) of the Relu / Clip that is the only reader of tensor ``name`` in ``reference``, else None."""
-    value = next((v for n in reference.graph for v in n.outputs if v.name == name), None)
-    act = sole_reader(value) if value is not None else None
+def _passed_band(value: ir.Value) -> tuple[float, float] | None:
+    """(lo, hi) of the Relu / Clip that is the only reader of ``value``, else None."""
+    act = sole_reader(value)
     bounds = activation_bounds(act) if act is not None else None
     if bounds is None:
         return None
@@ -137,18 +142,17 @@ class SequentialBiasCorrection(Algorithm):
         sites = correction_sites(model, weights)
         if not sites:
             return [f"{self.name}: no quantized Conv/Gemm/MatMul+Add with a constant bias; nothing corrected"]
-        reference = context.reference
-        ref_names = {v.name for n in reference.graph for v in n.outputs}
-        sites = [site for site in sites if site[2].name in ref_names]  # not renamed by an earlier algorithm
-        bands = {out.name or "": _passed_band(reference, out.name or "") for _, _, out, _ in sites}
+        reference, quantized = context.reference, context.quantized
+        ref_values = {v.name: v for n in reference.graph for v in n.outputs}
+        sites = [site for site in sites if site[2].name in ref_values]  # not renamed by an earlier algorithm
+        bands = {out.name or "": _passed_band(ref_values[out.name]) for _, _, out, _ in sites}
         axes = {out.name or "": axis for _, _, out, axis in sites}
         float_means, passed, samples = self._float_statistics(reference, axes, bands, batches)
-        quantized = context.quantized()
-        biases = {v.name: v for v in quantized.graph.initializers.values()}
+        biases = quantized.graph.initializers
         corrected, shifts = 0, []
         for node, bias, out, axis in progress_bar(sites, desc=self.name, unit="layer", disable=not context.progress):
             name = out.name or ""
-            q_bias = biases.get(bias.name)
+            q_bias = biases.get(bias.name or "")
             if q_bias is None or q_bias.const_value is None:
                 continue  # the bias was rewritten in the quantized graph
             q_mean = self._quantized_mean(quantized, name, axis, bands[name], batches)
@@ -160,9 +164,8 @@ class SequentialBiasCorrection(Algorithm):
             shift = np.where(live, (q_mean - float_means[name]) / np.maximum(passed[name], _MIN_PASSED), 0.0)
             key = node.inputs[1].name or ""  # type: ignore[union-attr]
             context.rounded.setdefault(key, {}).setdefault(bias.name or "", data)  # restored if left float
-            bias.const_value = ir.tensor((data.astype(np.float64) - shift).astype(data.dtype), name=bias.name)
-            q_data = q_bias.const_value.numpy()
-            q_bias.const_value = ir.tensor((q_data.astype(np.float64) - shift).astype(q_data.dtype), name=q_bias.name)
+            for value in (bias, q_bias):  # the float model's, and the quantized copy the next layers run
+                _lower(value, shift)
             shifts.append(float(np.abs(shift).mean()))
             corrected += 1
         note = (f"{self.name}: {corrected} biases corrected on {samples} samples, layer by layer; mean |shift| "
@@ -171,20 +174,11 @@ class SequentialBiasCorrection(Algorithm):
         return [note]
 
     def _feeds(self, batches: Callable[[], Iterable[Mapping[str, Any]]], inputs: Any) -> Iterable[dict[str, Any]]:
-        """The first ``samples`` samples of ``batches()`` (all of them for 0), as feeds of ``inputs``."""
-        limit, seen = self.options["samples"], 0
-        for batch in batches():
-            # checked and cast to the model's input dtypes (a float16 model gets float16)
-            feeds = inputs.feeds({k: v for k, v in dict(batch).items() if k in inputs.by_name}, "calibration batch")
-            n = inputs.batch_len(feeds) or 1
-            if limit and seen + n > limit:
-                take = limit - seen
-                feeds = {k: v[:take] if getattr(v, "ndim", 0) and len(v) == n else v for k, v in feeds.items()}
-                n = take
-            yield feeds
-            seen += n
-            if limit and seen >= limit:
-                return
+        """The first ``samples`` samples of ``batches()`` (all of them for 0), checked and cast to the model's
+        input dtypes (a float16 model gets float16)."""
+        from qdq.model_inputs import first_samples
+
+        return first_samples(batches(), inputs, self.options["samples"])
 
     def _float_statistics(self, reference: ir.Model, axes: dict[str, int], bands: dict[str, tuple[float, float] | None],
                           batches: Callable[[], Iterable[Mapping[str, Any]]],
@@ -192,19 +186,19 @@ class SequentialBiasCorrection(Algorithm):
         """One pass of the float model: per output channel of every site, the mean of its activation's output
         and the share of elements the activation passes (1 without one); and the samples seen."""
         from qdq.model_inputs import model_inputs
-        from qdq.session import make_session, run_batched
+        from qdq.session import iter_batched, make_session
 
         names = list(axes)
         session = make_session(reference, arena=False, extra_outputs=names, label=f"float model ({self.name})")
         inputs = model_inputs(reference)
         sums: dict[str, _ChannelSums] = {name: _ChannelSums(axes[name], bands[name]) for name in names}
         seen = 0
+        step = self.options["fetch_samples"]
         for feeds in self._feeds(batches, inputs):
-            n = inputs.batch_len(feeds) or 1
-            for part in _split(feeds, n, inputs, self.options["fetch_samples"]):
-                for name, y in zip(names, run_batched(session, part, inputs, names), strict=True):
+            for chunk, outs in iter_batched(session, feeds, inputs, names, step=step):
+                for name, y in zip(names, outs, strict=True):
                     sums[name].add(y, name, self.name)
-            seen += n
+                seen += chunk.real
         if seen == 0:
             raise DataError(f"{self.name} needs calibration data: the batches are empty")
         return ({k: v.mean() for k, v in sums.items()}, {k: v.passed() for k, v in sums.items()}, seen)
@@ -214,7 +208,7 @@ class SequentialBiasCorrection(Algorithm):
         """Per-channel mean of the activation of tensor ``name`` in the quantized model truncated to it."""
         from qdq.model_inputs import model_inputs
         from qdq.quantizer import finalize_model
-        from qdq.session import make_session, run_batched
+        from qdq.session import iter_batched, make_session
 
         # finalized for onnxruntime and optimized: its integer kernels, 5-8x faster than the fake-quant graph run
         # unoptimized. Not the prepared graph optimized: there onnxruntime 1.32 quantizes the float weight of a
@@ -224,10 +218,10 @@ class SequentialBiasCorrection(Algorithm):
         session = make_session(cut, arena=False, label=f"quantized model ({self.name})")
         inputs = model_inputs(cut)
         sums = _ChannelSums(axis, band)
+        step = _Q_RUN * self.options["fetch_samples"]  # one tensor fetched
         for feeds in self._feeds(batches, inputs):
-            n = inputs.batch_len(feeds) or 1
-            for part in _split(feeds, n, inputs, _Q_RUN * self.options["fetch_samples"]):  # one tensor fetched
-                sums.add(run_batched(session, part, inputs)[0], name, self.name)
+            for _, outs in iter_batched(session, feeds, inputs, step=step):
+                sums.add(outs[0], name, self.name)
         return sums.mean() if sums.total is not None else None
 
 
@@ -268,11 +262,3 @@ class _ChannelSums:
         assert self.inside is not None
         return self.inside / max(self.count, 1)
 
-
-def _split(feeds: dict[str, Any], n: int, inputs: Any, size: int) -> Iterable[dict[str, Any]]:
-    """``feeds`` in runs of at most ``size`` samples (every output of the float model is fetched at once)."""
-    if n <= size or inputs.batch_len(feeds) is None:
-        yield feeds
-        return
-    for i in range(0, n, size):
-        yield {k: v[i:i + size] if getattr(v, "ndim", 0) and len(v) == n else v for k, v in feeds.items()}
