@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cle before calibration, sequential_bias_correction after it; e.g. smoothquant:alpha=0.7; "
                         "added after the config's own")
     q.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), coreml or coreai")
+    q.add_argument("--kernel-format", default="auto", choices=["auto", "u8s8", "u8u8"],
+                   help="onnxruntime: int8 weights (u8s8) or uint8 weights (u8u8, same values); auto (default) "
+                        "picks u8u8 on an x86 CPU without VNNI/AMX, where onnxruntime's U8S8 kernels saturate")
     tgt = q.add_argument_group("accuracy target: leave the fewest ops float until it holds (writes OUT.fallback.yaml)")
     tgts = tgt.add_mutually_exclusive_group()
     tgts.add_argument("--target-agreement", type=float, default=None, metavar="PCT",
@@ -193,7 +196,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names,
              algorithms=args.algorithm, tokenizer=args.tokenizer, seq_len=args.seq_len,
              target_agreement=args.target_agreement, target_sqnr=args.target_sqnr, target_cosine=args.target_cosine,
-             holdout=args.holdout, on_fallback=None if args.quiet else _print_fallback(out))
+             holdout=args.holdout, on_fallback=None if args.quiet else _print_fallback(out),
+             kernel_format=args.kernel_format)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
         print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend})")

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from qdq.backends import ExportBackend
 from qdq.backends.artifact import backend_options, check_backend_plan, check_suffix, is_torch_backend, require_converter
+from qdq.backends.host_cpu import resolve_kernel_format
 from qdq.errors import ConfigError
 from qdq.model_check import external_locations
 from qdq.model_io import check_output_path, save, write_text
@@ -68,7 +69,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
              tokenizer: str | os.PathLike[str] | None = None, seq_len: int | None = None,
              target_agreement: float | None = None, target_sqnr: float | None = None,
              target_cosine: float | None = None, holdout: int = 256,
-             on_fallback: Callable[[Any], None] | None = None) -> Any:
+             on_fallback: Callable[[Any], None] | None = None, kernel_format: str | None = None) -> Any:
     """Quantize ``model`` (path / ModelProto / onnx_ir.Model) and finalize it for ``backend``.
 
     ``config``: QuantizerConfig, mapping, YAML path or preset name (default ``int8``).
@@ -85,7 +86,9 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     agreement with FP32, %), ``target_sqnr`` (dB) or ``target_cosine``: leave the fewest ops float until the
     model meets it on the first ``holdout`` calibration samples (:func:`qdq.fallback.search_fallback`; with
     ``output``, the chosen config is written beside it as ``OUT.fallback.yaml``; ``on_fallback`` receives the
-    :class:`~qdq.fallback.FallbackResult`). Returns an ``onnx_ir.Model`` for onnxruntime and a
+    :class:`~qdq.fallback.FallbackResult`). ``kernel_format`` (onnxruntime): ``"u8s8"`` (int8 weights),
+    ``"u8u8"`` (uint8 weights) or ``"auto"`` (default: u8u8 on an x86 CPU without VNNI/AMX, whose U8S8 kernels
+    saturate; :mod:`qdq.backends.host_cpu`). Returns an ``onnx_ir.Model`` for onnxruntime and a
     :class:`~qdq.backends.artifact.BackendArtifact` for Core ML / Core AI.
     """
     targets = {k: v for k, v in (("agreement", target_agreement), ("sqnr", target_sqnr),
@@ -115,6 +118,10 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     if extra and not torch_backend:
         raise ConfigError(f"{', '.join(extra)} are Core ML / Core AI options; add --backend coreml or coreai")
     options = backend_options(**extra) if torch_backend else None
+    if kernel_format not in (None, "auto"):
+        resolve_kernel_format(kernel_format)  # a bad name fails before any work
+        if torch_backend:
+            raise ConfigError(f"--kernel-format is an onnxruntime option, not one of {backend.value}")
     reads = [Path(p) for p in (model, calibration_data) if isinstance(p, (str, os.PathLike))]
     if output is not None:
         check_output_path(output, inputs=reads)  # never the model or the data file qdq reads
@@ -186,7 +193,8 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         check_backend_plan(quantizer.plan, backend, options)
         if on_fallback is not None:
             on_fallback(fallback)
-    final = quantizer.finalize(backend, options=options) if torch_backend else quantizer.finalize(backend)
+    final = (quantizer.finalize(backend, options=options) if torch_backend
+             else quantizer.finalize(backend, kernel_format=kernel_format))
     for note in getattr(final, "notes", []):
         logger.warning("%s legalization: %s", backend.value, note)
     if output is not None:

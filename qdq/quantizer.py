@@ -478,7 +478,8 @@ class Quantizer:
                  **backend_options: Any) -> Any:
         """The QDQ model finalized for ``backend``; save the result with ``qdq.save``.
 
-        onnxruntime: a new ``onnx_ir.Model`` (real int8 kernels). Core ML / Core AI: a
+        onnxruntime: a new ``onnx_ir.Model`` (real int8 kernels; ``kernel_format="u8s8"|"u8u8"|"auto"``, see
+        :func:`finalize_model`). Core ML / Core AI: a
         :class:`~qdq.backends.artifact.BackendArtifact` carrying the ``torch.export`` program, converted by
         coremltools / coreai-torch on ``save("m.mlpackage")`` / ``save("m.aimodel")``. ``backend_options``:
         ``deployment_target`` (Core ML ``"iOS17"`` / ``"iOS18"``), ``compute_precision``, ``input_names``,
@@ -531,12 +532,13 @@ def _example_slice(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str
 
 
 def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime, *, example_inputs: Any = None,
-                   options: Any = None, **backend_options: Any) -> Any:
+                   options: Any = None, kernel_format: str | None = None, **backend_options: Any) -> Any:
     """Finalize any prepared QDQ model (qdq's own, or exported by the torch mirror) for ``backend``.
 
-    onnxruntime: a new, legalized ``onnx_ir.Model``. Core ML / Core AI: a
-    :class:`~qdq.backends.artifact.BackendArtifact` (see :meth:`Quantizer.finalize` for the options).
-    The input is not modified.
+    onnxruntime: a new, legalized ``onnx_ir.Model``; ``kernel_format`` ``"u8s8"`` / ``"u8u8"`` / ``"auto"``
+    (default: u8u8, uint8 weights, on an x86 CPU without VNNI/AMX, where onnxruntime's U8S8 kernels saturate;
+    see :mod:`qdq.backends.host_cpu`). Core ML / Core AI: a :class:`~qdq.backends.artifact.BackendArtifact`
+    (see :meth:`Quantizer.finalize` for the options). The input is not modified.
     """
     from qdq.backends.artifact import backend_options as make_options
     from qdq.backends.artifact import finalize_for_backend, is_torch_backend
@@ -544,6 +546,8 @@ def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime, *, exam
 
     backend = ExportBackend.parse(backend)
     if is_torch_backend(backend):
+        if kernel_format not in (None, "auto"):
+            raise ConfigError(f"kernel_format is an onnxruntime option, not one of {backend.value}")
         opts = make_options(options, **backend_options)
         return finalize_for_backend(model, backend, opts, example_inputs=example_inputs)
     if backend_options or options is not None:
@@ -552,7 +556,7 @@ def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime, *, exam
     base = load_model(model)
     model = base.clone()
     check_capabilities(model, backend)
-    run_finalize(model, backend)  # the backend's passes, through onnx_ir's PassManager
+    run_finalize(model, backend, kernel_format)  # the backend's passes, through onnx_ir's PassManager
     return model
 
 

@@ -346,6 +346,21 @@ def _cut(outs: dict[str, np.ndarray], padded: int, real: int) -> dict[str, np.nd
     return {k: v[:real] if v.ndim and v.shape[0] == padded else v for k, v in outs.items()}
 
 
+def _warn_if_saturating(model: onnx.ModelProto) -> None:
+    """One warning when this CPU's U8S8 kernels saturate and ``model`` feeds them int8 weights."""
+    from qdq.backends.host_cpu import u8s8_saturates
+    from qdq.passes.weights_to_uint8 import int8_kernel_weights
+
+    if not u8s8_saturates():
+        return
+    n = int8_kernel_weights(ir.from_proto(model))
+    if n:
+        logger.warning("this CPU (x86 without VNNI/AMX) adds onnxruntime's U8S8 products in saturating int16 and the "
+                       "quantized model has %d int8 weights on such kernels: its numbers here may be far worse than "
+                       "on a VNNI or ARM CPU; finalize with kernel_format='u8u8' (qdq quantize --kernel-format u8u8, "
+                       "the default here) for exact integer kernels on every CPU", n)
+
+
 def compare(
     fp32_model: ModelLike,
     quant_model: ModelLike,
@@ -375,6 +390,8 @@ def compare(
     opt_level(level)  # a bad name is a ConfigError before any work
     fp, q = _as_model(fp32_model, "FP32"), _as_model(quant_model, "quantized")
     fp_in, q_in = fp.inputs(), q.inputs()
+    if opt_level(level) != "none":
+        _warn_if_saturating(q.graph())
     if isinstance(data, (str, os.PathLike)):
         data = open_data(Path(data), fp_in, num_samples=num_samples, role="evaluation")
     _check_inputs(fp_in, q_in, data)

@@ -7,6 +7,9 @@ onnxruntime (CPU, ``ORT_ENABLE_ALL``), in order:
 2. :class:`ActivationsToUint8Pass` - int8 activations -> uint8 (zp + 128): the U8S8 layout its x86
    kernels fuse; no dequantized value changes.
 3. :class:`FoldWeightsPass` - weights stored as quantized initializers -> DequantizeLinear.
+   :class:`WeightsToUint8Pass` (``kernel_format="u8u8"``; ``"auto"``, the default, picks it on an x86 CPU
+   without VNNI/AMX, whose U8S8 kernels saturate: :mod:`qdq.backends.host_cpu`) - int8 weights of integer
+   kernels stored as uint8, zero point + 128; no dequantized value changes.
 4. :class:`QuantizeBiasPass` - constant bias of 8-bit Conv / Gemm -> int32 -> DequantizeLinear.
    :class:`GatherThenDequantizePass` - embedding tables stay integer: rows gathered, then dequantized.
    :class:`MatMulIntegerToFloatPass` - an 8-bit QDQ MatMul with the bias Add / scalar Mul after it as one
@@ -31,6 +34,8 @@ import logging
 import onnx_ir as ir
 
 from qdq.backends.capabilities import ExportBackend
+from qdq.backends.host_cpu import resolve_kernel_format
+from qdq.errors import ConfigError
 from qdq.passes.activations_to_uint8 import ActivationsToUint8Pass
 from qdq.passes.fold_activation_clip import FoldActivationClipPass
 from qdq.passes.fold_weights import FoldWeightsPass
@@ -40,19 +45,25 @@ from qdq.passes.keep_float_weights import KeepFloatWeightsPass
 from qdq.passes.matmul_integer_to_float import MatMulIntegerToFloatPass
 from qdq.passes.quantize_bias import QuantizeBiasPass
 from qdq.passes.strip_metadata import StripMetadataPass
+from qdq.passes.weights_to_uint8 import WeightsToUint8Pass
 
 __all__ = ["finalize_passes", "finalize_pipeline", "run_finalize"]
 
 logger = logging.getLogger(__name__)
 
 
-def finalize_passes(backend: ExportBackend) -> list[ir.passes.InPlacePass]:
-    """The in-place passes that legalize a prepared QDQ model for ``backend``, in order."""
+def finalize_passes(backend: ExportBackend, kernel_format: str | None = None) -> list[ir.passes.InPlacePass]:
+    """The in-place passes that legalize a prepared QDQ model for ``backend``, in order.
+
+    ``kernel_format`` (onnxruntime): ``"u8s8"`` (int8 weights), ``"u8u8"`` (uint8 weights) or ``"auto"``/None
+    (u8u8 where this CPU's U8S8 kernels saturate)."""
     if backend is ExportBackend.ONNXRuntime:
+        u8u8 = resolve_kernel_format(kernel_format) == "u8u8"
         return [
             Fp8ActivationsAsCastsPass(),
             ActivationsToUint8Pass(),
             FoldWeightsPass(),
+            *([WeightsToUint8Pass()] if u8u8 else []),
             QuantizeBiasPass(),
             GatherThenDequantizePass(),
             MatMulIntegerToFloatPass(),
@@ -60,16 +71,19 @@ def finalize_passes(backend: ExportBackend) -> list[ir.passes.InPlacePass]:
             FoldActivationClipPass(),
             StripMetadataPass(),
         ]
+    if kernel_format not in (None, "auto"):
+        resolve_kernel_format(kernel_format)  # a bad name is an error everywhere
+        raise ConfigError(f"kernel_format is an onnxruntime option, not one of {backend.value}")
     return []
 
 
-def finalize_pipeline(backend: ExportBackend) -> ir.passes.PassManager:
+def finalize_pipeline(backend: ExportBackend, kernel_format: str | None = None) -> ir.passes.PassManager:
     """:func:`finalize_passes` as one pass: each runs once, in order."""
-    return ir.passes.PassManager(finalize_passes(backend), steps=1)
+    return ir.passes.PassManager(finalize_passes(backend, kernel_format), steps=1)
 
 
-def run_finalize(model: ir.Model, backend: ExportBackend) -> ir.passes.PassResult:
+def run_finalize(model: ir.Model, backend: ExportBackend, kernel_format: str | None = None) -> ir.passes.PassResult:
     """Legalize ``model`` for ``backend`` in place; the result says whether any pass changed it."""
-    result = finalize_pipeline(backend)(model)
+    result = finalize_pipeline(backend, kernel_format)(model)
     logger.debug("finalize for %s: %s", backend.value, "modified" if result.modified else "unchanged")
     return result

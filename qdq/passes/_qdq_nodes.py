@@ -18,6 +18,7 @@ __all__ = [
     "q_kind",
     "qdtype",
     "quant_ir_dtype",
+    "uint8_zero_point",
     "unique_initializer_name",
 ]
 
@@ -122,3 +123,25 @@ def qdtype(ir_dtype: ir.DataType) -> QDType | None:
         return QDType.from_ir(ir_dtype)
     except KeyError:
         return None
+
+
+def uint8_zero_point(graph: ir.Graph, zp: ir.Value, readers: set[int], done: dict[int, ir.Value]) -> ir.Value:
+    """The uint8 twin (+128) of int8 zero point ``zp``: converted in place when only nodes in ``readers`` (ids) read
+    it, else a new initializer; ``done`` (id -> twin) converts each once."""
+    if id(zp) in done:
+        return done[id(zp)]
+    z = const_array(zp)
+    assert z is not None
+    u8 = (z.astype(np.int16) + 128).astype(np.uint8)
+    in_place = zp.is_initializer() and all(id(u.node) in readers for u in zp.uses())
+    if in_place:
+        zp.const_value = ir.tensor(u8, dtype=ir.DataType.UINT8, name=zp.name)
+        zp.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
+        new = zp
+    else:
+        name = unique_initializer_name(graph, f"{zp.name or 'zero_point'}_uint8")
+        new = ir.Value(name=name, shape=ir.Shape(u8.shape), type=ir.TensorType(ir.DataType.UINT8),
+                       const_value=ir.tensor(u8, dtype=ir.DataType.UINT8, name=name))
+        graph.register_initializer(new)
+    done[id(zp)] = new
+    return new

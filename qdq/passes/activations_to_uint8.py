@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
 
-from qdq.passes._qdq_nodes import const_array, is_dq, is_q, q_kind, unique_initializer_name
+from qdq.passes._qdq_nodes import const_array, is_dq, is_q, q_kind, uint8_zero_point
 
 __all__ = ["ActivationsToUint8Pass", "activations_to_uint8"]
 
@@ -40,27 +39,6 @@ def _convertible(node: ir.Node) -> bool:
     return all(is_dq(u.node) and len(u.node.inputs) > 2 and u.node.inputs[2] is zp for u in node.outputs[0].uses())
 
 
-def _uint8_zero_point(graph: ir.Graph, zp: ir.Value, readers: set[int], done: dict[int, ir.Value]) -> ir.Value:
-    """The uint8 twin of int8 zero point ``zp``: converted in place, or a new initializer if others keep it."""
-    if id(zp) in done:
-        return done[id(zp)]
-    z = const_array(zp)
-    assert z is not None
-    u8 = (z.astype(np.int16) + 128).astype(np.uint8)
-    in_place = zp.is_initializer() and all(id(u.node) in readers for u in zp.uses())
-    if in_place:
-        zp.const_value = ir.tensor(u8, dtype=ir.DataType.UINT8, name=zp.name)
-        zp.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
-        new = zp
-    else:
-        name = unique_initializer_name(graph, f"{zp.name or 'zero_point'}_uint8")
-        new = ir.Value(name=name, shape=ir.Shape(u8.shape), type=ir.TensorType(ir.DataType.UINT8),
-                       const_value=ir.tensor(u8, dtype=ir.DataType.UINT8, name=name))
-        graph.register_initializer(new)
-    done[id(zp)] = new
-    return new
-
-
 def activations_to_uint8(model: ir.Model) -> int:
     """Switch every int8 activation QDQ pair of ``model`` to uint8 (in place); returns how many Q nodes changed."""
     graph = model.graph
@@ -73,7 +51,7 @@ def activations_to_uint8(model: ir.Model) -> int:
     for q, dqs in pairs:
         zp = q.inputs[2]
         assert zp is not None
-        new = _uint8_zero_point(graph, zp, readers, done)
+        new = uint8_zero_point(graph, zp, readers, done)
         if new is not zp:
             for n in (q, *dqs):
                 n.replace_input_with(2, new)

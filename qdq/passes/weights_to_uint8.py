@@ -1,0 +1,116 @@
+"""Weights to uint8: the int8 weights of 8-bit Conv / ConvTranspose / Gemm / MatMul become uint8, zero point + 128.
+
+``(w + 128) - (z + 128) == w - z``: not one dequantized weight changes. What changes is the kernel
+onnxruntime picks for the fused op: U8U8 instead of U8S8. On x86 CPUs without VNNI/AMX its U8S8 kernels add
+pairs of products in saturating int16 and clip (:mod:`qdq.backends.host_cpu`); its U8U8 kernels do not. The
+onnxruntime pipeline runs this pass for ``kernel_format="u8u8"``, the default on such a CPU.
+
+A weight converts when it is a constant int8 DequantizeLinear (no ``block_size``) read only as input 1 of
+Conv / ConvTranspose / Gemm / MatMul whose input 0 is itself an 8-bit DequantizeLinear (an integer kernel:
+weight-only models keep int8, which changes nothing there). A zero point shared with a weight that stays
+int8 is split; a missing one becomes an explicit 128.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qdq.passes._qdq_nodes import const_array, is_dq, quant_ir_dtype, uint8_zero_point, unique_initializer_name
+
+__all__ = ["WeightsToUint8Pass", "int8_kernel_weights", "weights_to_uint8"]
+
+logger = logging.getLogger(__name__)
+
+_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_8BIT = (ir.DataType.UINT8, ir.DataType.INT8)
+
+
+def _integer_kernel_weight(dq: ir.Node) -> bool:
+    """``dq`` dequantizes a constant int8 weight read only as input 1 of ops whose input 0 is 8-bit QDQ."""
+    w = dq.inputs[0]
+    block: int = dq.attributes.get_int("block_size", 0)
+    if w is None or w.const_value is None or w.dtype != ir.DataType.INT8 or block:
+        return False
+    zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+    if zp is not None and const_array(zp) is None:
+        return False
+    uses = list(dq.outputs[0].uses())
+    if not uses or dq.outputs[0].is_graph_output():
+        return False
+    for use in uses:
+        op = use.node
+        if op.op_type not in _OPS or op.domain not in ("", "ai.onnx") or use.idx != 1:
+            return False
+        x = op.inputs[0].producer() if op.inputs[0] is not None else None
+        if not is_dq(x) or quant_ir_dtype(x) not in _8BIT:  # type: ignore[arg-type]
+            return False
+    return True
+
+
+def _convertible(graph: ir.Graph) -> list[ir.Node]:
+    """The weight DequantizeLinear nodes to convert: all readers of each of their weights qualify."""
+    by_weight: dict[int, list[ir.Node]] = {}
+    ok: set[int] = set()
+    for node in graph:
+        if is_dq(node) and node.inputs[0] is not None and node.inputs[0].is_initializer():
+            by_weight.setdefault(id(node.inputs[0]), []).append(node)
+            if _integer_kernel_weight(node):
+                ok.add(id(node))
+    chosen: list[ir.Node] = []
+    for dqs in by_weight.values():
+        w = dqs[0].inputs[0]
+        assert w is not None
+        if all(id(dq) in ok for dq in dqs) and all(id(u.node) in ok and u.idx == 0 for u in w.uses()):
+            chosen.extend(dqs)
+    return chosen
+
+
+def int8_kernel_weights(model: ir.Model) -> int:
+    """How many int8 weights of ``model`` feed 8-bit integer kernels (what :func:`weights_to_uint8` converts)."""
+    return len({id(dq.inputs[0]) for dq in _convertible(model.graph)})
+
+
+def weights_to_uint8(model: ir.Model) -> int:
+    """Store the int8 weights of ``model``'s 8-bit integer-kernel ops as uint8 (in place); returns how many."""
+    graph = model.graph
+    chosen = _convertible(graph)
+    readers = {id(dq) for dq in chosen}
+    done: dict[int, ir.Value] = {}
+    converted: set[int] = set()
+    for dq in chosen:
+        w = dq.inputs[0]
+        assert w is not None
+        if id(w) not in converted:
+            codes = const_array(w)
+            assert codes is not None
+            u8 = (codes.astype(np.int16) + 128).astype(np.uint8)
+            w.const_value = ir.tensor(u8, dtype=ir.DataType.UINT8, name=w.name)
+            w.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
+            converted.add(id(w))
+        zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if zp is None:
+            scale = const_array(dq.inputs[1])
+            shape = () if scale is None else scale.shape
+            name = unique_initializer_name(graph, f"{w.name or dq.name or 'weight'}_zero_point")
+            zp = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.INT8),
+                          const_value=ir.tensor(np.zeros(shape, np.int8), dtype=ir.DataType.INT8, name=name))
+            graph.register_initializer(zp)
+            while len(dq.inputs) < 3:
+                dq.resize_inputs(len(dq.inputs) + 1)
+            dq.replace_input_with(2, zp)
+        new = uint8_zero_point(graph, zp, readers, done)
+        if new is not zp:
+            dq.replace_input_with(2, new)
+    if converted:
+        logger.info("%d int8 weights stored as uint8 (onnxruntime's U8U8 kernels: no int16 saturation)", len(converted))
+    return len(converted)
+
+
+class WeightsToUint8Pass(ir.passes.InPlacePass):
+    """int8 weights of integer-kernel ops -> uint8 with zero point + 128 (onnxruntime's U8U8 kernels)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, modified=weights_to_uint8(model) > 0)
