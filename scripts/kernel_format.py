@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""onnxruntime kernel format on this CPU: EfficientNet-Lite0 int8 finalized with int8 weights (u8s8) and uint8
-weights (u8u8), run with all onnxruntime optimizations (its integer kernels).
+"""onnxruntime kernel format on this CPU: EfficientNet-Lite0 int8 and int8-asymmetric finalized with int8 weights
+(u8s8) and uint8 weights (u8u8), run with all onnxruntime optimizations (its integer kernels).
 
 Prints whether this CPU's U8S8 kernels saturate (x86 without VNNI/AMX: qdq.backends.host_cpu), then for each
 format: logits SQNR and top-1 agreement vs FP32 on the 244 evaluation images, the same against the model's
@@ -47,26 +47,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qdq-kf-") as tmp:
         work = Path(tmp)
         _, _, fp32, calib_x, eval_x, _ = effnet_fp32_and_sample(work)
-        q = Quantizer(fp32, "int8")
-        q.progress = False
-        q.prepare()
-        q.calibrate((calib_x[i:i + 32] for i in range(0, len(calib_x), 32)), progress=False)
         ref = _logits(fp32, eval_x, "all")
-        paths = [save(q.finalize(kernel_format=fmt), work / f"{fmt}.onnx") for fmt in ("u8s8", "u8u8")]
+        cases, paths = [], []
+        for preset in ("int8", "int8-asymmetric"):
+            q = Quantizer(fp32, preset)
+            q.progress = False
+            q.prepare()
+            q.calibrate((calib_x[i:i + 32] for i in range(0, len(calib_x), 32)), progress=False)
+            for fmt in ("u8s8", "u8u8"):
+                cases.append((preset, fmt))
+                paths.append(save(q.finalize(kernel_format=fmt), work / f"{preset}-{fmt}.onnx"))
         speed = speedups(fp32, paths, eval_x[:32], 7)
         rows = []
-        for fmt, path, s in zip(("u8s8", "u8u8"), paths, speed, strict=True):
+        for (preset, fmt), path, s in zip(cases, paths, speed, strict=True):
             fused, exact = _logits(path, eval_x, "all"), _logits(path, eval_x, "none")
             floats = len([n for n in float_compute_nodes(path) if n[1] in ("Conv", "Gemm")])
-            rows.append(f"| {fmt} | {sqnr_db(ref, fused):.1f} | {np.mean(fused.argmax(1) == ref.argmax(1)) * 100:.2f} "
-                        f"| {sqnr_db(ref, exact):.1f} | {s:.2f}x | {floats} |")
-    caption = (f"EfficientNet-Lite0 int8, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} images; "
+            rows.append(f"| {preset} | {fmt} | {sqnr_db(ref, fused):.1f} | "
+                        f"{np.mean(fused.argmax(1) == ref.argmax(1)) * 100:.2f} | {sqnr_db(ref, exact):.1f} | "
+                        f"{s:.2f}x | {floats} |")
+    caption = (f"EfficientNet-Lite0, calibrate on {len(calib_x)} / evaluate on {len(eval_x)} images; "
                f"{datetime.date.today()}, {cpu_name()}, onnxruntime {ort.__version__}; U8S8 kernels saturate on "
                f"this CPU: {'yes' if u8s8_saturates() else 'no'}. Command: `python scripts/kernel_format.py`.")
     lines = [caption, "",
-             "| kernel format | logits SQNR dB (onnxruntime kernels) | agreement % | SQNR dB (reference semantics) "
-             "| speed vs FP32 (b32) | float Conv/Gemm |",
-             "|---|---:|---:|---:|---:|---:|", *rows]
+             ("| preset | kernel format | logits SQNR dB (onnxruntime kernels) | agreement % | SQNR dB (reference "
+              "semantics) | speed vs FP32 (b32) | float Conv/Gemm |"),
+             "|---|---|---:|---:|---:|---:|---:|", *rows]
     emit("\n".join(lines), args.out)
     return 0
 

@@ -181,3 +181,24 @@ def test_compare_warns_about_int8_weights_on_a_saturating_cpu(digits_q, digits_o
         assert len(hits) == (1 if warned else 0), (fmt, [r.getMessage() for r in caplog.records])
         if warned:
             assert "4 int8 weights" in hits[0].getMessage()  # 3 Conv + 1 Gemm
+
+
+def test_seven_bit_weights_stay_int8() -> None:
+    """Codes inside [-64, 63] cannot saturate (255 * 64 * 2 < 32768): that weight keeps the faster U8S8 kernel."""
+    k, n = 8, 4
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-64, 64, (k, n)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "wzp"),
+             numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.uint8(128), "xzp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert weights_to_uint8(model) == 0
+    assert model.graph.initializers["w"].dtype == ir.DataType.INT8
+    x = (rng.random((3, k)) * 12).astype(np.float32)  # uint8 codes near 255: the worst case for saturation
+    np.testing.assert_allclose(_run(model, {"x": x}, "all"), _run(model, {"x": x}, "none"), rtol=1e-5, atol=1e-5)

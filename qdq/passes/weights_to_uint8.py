@@ -5,7 +5,9 @@ onnxruntime picks for the fused op: U8U8 instead of U8S8. On x86 CPUs without VN
 pairs of products in saturating int16 and clip (:mod:`qdq.backends.host_cpu`); its U8U8 kernels do not. The
 onnxruntime pipeline runs this pass for ``kernel_format="u8u8"``, the default on such a CPU.
 
-A weight converts when it is a constant int8 DequantizeLinear (no ``block_size``) read only as input 1 of
+A weight converts when it is a constant int8 DequantizeLinear (no ``block_size``) with a code outside
+[-64, 63] (inside, a pair of products fits int16: onnxruntime's ``session.x64quantprecision`` uses the same
+rule for the few ops it converts itself) read only as input 1 of
 Conv / ConvTranspose / Gemm / MatMul whose input 0 is itself an 8-bit DequantizeLinear (an integer kernel:
 weight-only models keep int8, which changes nothing there). A zero point shared with a weight that stays
 int8 is split; a missing one becomes an explicit 128.
@@ -37,6 +39,9 @@ def _integer_kernel_weight(dq: ir.Node) -> bool:
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     if zp is not None and const_array(zp) is None:
         return False
+    codes = w.const_value.numpy()
+    if codes.size and int(codes.min()) >= -64 and int(codes.max()) <= 63:
+        return False  # 7-bit codes: 255 * 64 * 2 fits int16, so U8S8 cannot saturate (onnxruntime's own rule)
     uses = list(dq.outputs[0].uses())
     if not uses or dq.outputs[0].is_graph_output():
         return False
