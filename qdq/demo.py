@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qdq.metrics import sqnr_db
+from qdq.metrics import expected_agreement, sqnr_db
 from qdq.model_io import load_model
 from qdq.oneshot import quantize
 from qdq.progress import progress_bar
@@ -41,6 +41,9 @@ class PTQRow:
     sqnr_db: float
     size_mb: float
     seconds: float
+    #: top-1 agreement to expect on new images (:func:`qdq.metrics.expected_agreement`: every FP32 margin
+    #: against every observed error; the counted one moves in steps of one image and hinges on near-ties)
+    expected_agreement: float = 100.0
 
 
 def _logits(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -68,7 +71,7 @@ def ptq_rows(fp32_path: str | Path, calib: Callable[[], Iterable[np.ndarray]], e
         logits = _logits(path, eval_x, batch_size)
         rows.append(PTQRow(name, float((logits.argmax(-1) == eval_y).mean() * 100),
                            float((logits.argmax(-1) == ref.argmax(-1)).mean() * 100), sqnr_db(ref, logits),
-                           path.stat().st_size / 1e6, seconds))
+                           path.stat().st_size / 1e6, seconds, expected_agreement(ref, logits)))
     return rows
 
 

@@ -8,6 +8,10 @@ first calibration samples: ``qdq quantize --target-agreement 99.5`` uses ``--hol
    ops (a continuous proxy: agreement on a few hundred samples moves in steps of one sample). Re-planning reuses the collected statistics (:meth:`Quantizer.replan`): no candidate
    is ever recalibrated, and one that would need new statistics is not a candidate. A layer a rounding
    algorithm (GPTQ, AdaRound) changed gets its original weight and bias back when left float, as in the rebuild.
+   Candidates run without the biases an after-calibration algorithm (``sequential_bias_correction``) moved:
+   those were computed for the fully quantized model and are wrong once ops go float (kept, they had the
+   search top out below the target with 28 ops float on EfficientNet-Lite0); ``qdq.quantize`` rebuilds the
+   chosen config, which computes them again for it.
 2. **Fewest ops.** The smallest prefix of that ranking that meets the target (binary search), then every
    chosen op is tried back quantized and dropped from the set if the target still holds. A target no set meets
    becomes the metric of every candidate changed, less the smallest gain that counts (one sample of agreement,
@@ -246,14 +250,17 @@ def search_fallback(quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndar
     base_cfg = quantizer.config
     before, _ = evaluate(quantizer)
     ops = quantized_ops(quantizer)
-    cache: dict[frozenset[tuple[str, bool]], tuple[float, float, Quantizer] | None] = {
-        frozenset(): (before, math.inf, quantizer)}
+    cache: dict[frozenset[tuple[str, bool]], tuple[float, float, Quantizer] | None] = {}
+    if not quantizer.calibrated_corrections:
+        cache[frozenset()] = (before, math.inf, quantizer)
 
     def trial(chosen: Sequence[str], raised: Mapping[str, ModuleQuantizerConfig]) -> tuple[float, float, Quantizer] | None:
         """(metric, output SQNR, quantizer) with ``chosen`` ops raised (where ``raised`` has them) or float."""
         key = frozenset((op, op in raised) for op in chosen)
         if key not in cache:
-            candidate = quantizer.replan(_with_float_ops(base_cfg, chosen, raised))
+            # without sequential_bias_correction's biases: computed for the fully quantized model, they are wrong
+            # once ops go float (the rebuild of the chosen config computes them again)
+            candidate = quantizer.replan(_with_float_ops(base_cfg, chosen, raised), calibrated_algorithms=False)
             if candidate.missing_statistics:
                 cache[key] = None
             else:
@@ -271,6 +278,10 @@ def search_fallback(quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndar
     if score < target and raised:  # raising precision is not enough: leave ops float instead
         chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, {}), progress, tolerance)
         raised = {}
+    if not chosen:  # nothing helps: the fully quantized model as it was (its after-calibration corrections too)
+        result.sensitivity, result.evaluations = sensitivity, evaluate.count
+        logger.info("fallback: %s", result.summary())
+        return result
     final = trial(chosen, raised)
     assert final is not None
     chosen_q = final[2]

@@ -130,6 +130,8 @@ class Quantizer:
         self._pending_algorithms, self._pending_calibrated = _split_by_stage(self.config.algorithms)
         self._pinned: dict[str, PinnedQParams] = {}  # weight qparams set by algorithms (GPTQ)
         self._rounded: dict[str, dict[str, Any]] = {}  # weight -> its (and its bias's) values before rounding
+        # initializer -> its value before the after-calibration algorithms (sequential_bias_correction) moved it
+        self._before_calibrated: dict[str, np.ndarray] = {}
         self.progress = True  # progress bars of algorithms (qdq.quantize / the CLI pass --quiet through)
         self.missing_statistics: list[str] = []  # replan(): activation targets with no calibration yet
         logger.info("plan: %s", self.plan.summary())
@@ -148,6 +150,11 @@ class Quantizer:
         from qdq.algorithms import build_algorithm
 
         return [a["name"] for a in specs if build_algorithm(a).applies_to(self.float_model)]
+
+    @property
+    def calibrated_corrections(self) -> bool:
+        """True when after-calibration algorithms (``sequential_bias_correction``) changed this model's biases."""
+        return bool(self._before_calibrated)
 
     @property
     def pending_calibrated_algorithms(self) -> list[str]:
@@ -235,6 +242,8 @@ class Quantizer:
         algorithms = [build_algorithm(spec) for spec in self._pending_calibrated]
         self._pending_calibrated = []
         notes: list[str] = []
+        vectors = {name: v.const_value.numpy().copy() for name, v in self.float_model.graph.initializers.items()
+                   if v.const_value is not None and len(v.const_value.shape) <= 1}  # biases: what they move
         for i, algorithm in enumerate(algorithms):
             if i:  # the previous algorithm moved the float model's biases
                 self._qdq_cache = self._session = None
@@ -242,6 +251,11 @@ class Quantizer:
             context = AlgorithmContext(plan=self.plan, pinned=self._pinned, progress=self.progress,
                                        rounded=self._rounded, quantized=quantized, reference=reference)
             notes += algorithm.apply(self.float_model, feeds, context)
+        initializers = self.float_model.graph.initializers
+        for name, before in vectors.items():
+            now = initializers.get(name)
+            if now is not None and now.const_value is not None and not np.array_equal(now.const_value.numpy(), before):
+                self._before_calibrated.setdefault(name, before)
         self._qdq_cache = self._session = None
         self.algorithm_notes += notes
         return notes
@@ -310,16 +324,22 @@ class Quantizer:
             calc.observe(np.asarray(tensor.numpy(), np.float32))
         return calc
 
-    def replan(self, config: Any) -> Quantizer:
+    def replan(self, config: Any, *, calibrated_algorithms: bool = True) -> Quantizer:
         """A quantizer for ``config`` on this one's float model (its algorithms already applied) that reuses the
         statistics collected here: an activation target keeps the calibrated statistics of the same tensor (same
         layout and calculator; its qparams are recomputed for the new spec), bias correction its channel means;
         weights get their grid from the weight (or the grid an algorithm pinned). Nothing is recalibrated, this quantizer is not changed.
-        :attr:`missing_statistics` lists activation targets new to ``config`` (they need calibration)."""
+        :attr:`missing_statistics` lists activation targets new to ``config`` (they need calibration).
+        ``calibrated_algorithms=False``: without what the after-calibration algorithms changed (biases
+        ``sequential_bias_correction`` moved for this config's quantized model, wrong for another one)."""
         import copy
 
         self._require_prepared()
         new = Quantizer(self.float_model, config)  # its own copy of the model: restoring below is safe
+        if not calibrated_algorithms:
+            _restore(new.float_model, [self._before_calibrated])
+        else:
+            new._before_calibrated = dict(self._before_calibrated)
         weights = {t.tensor for t in new.plan.targets.values() if t.kind == "weight"}
         new._rounded = {w: originals for w, originals in self._rounded.items() if w in weights}
         # a layer left float: weight and bias as before rounding

@@ -95,6 +95,40 @@ def test_a_layer_left_float_gets_its_bias_back(digits_onnx, digits_data) -> None
     np.testing.assert_array_equal(new.float_model.graph.initializers[bias].const_value.numpy(), original[bias])
 
 
+def test_fallback_candidates_leave_the_corrections_out(digits_onnx, digits_data) -> None:
+    """The corrections were computed for the fully quantized model: a fallback candidate (another config) runs
+    without them, every bias as before the algorithm; the rebuild of the chosen config computes them again."""
+    import onnx
+
+    from qdq.fallback import _with_float_ops, search_fallback
+
+    x_tr = digits_data[0]
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(digits_onnx)).graph.initializer}
+    q = Quantizer(digits_onnx, dataclasses.replace(preset("int8"), algorithms=[SBC], bias_correction=False))
+    q.progress = False
+    assert not q.calibrated_corrections
+    q.prepare()
+    q.calibrate([x_tr[:256]], progress=False)
+    q.apply_calibrated_algorithms([x_tr[:256]])
+    assert q.calibrated_corrections
+    convs = [n for n in q.float_model.graph if n.op_type in ("Conv", "Gemm")]
+    moved = [n.inputs[2].name for n in convs if not np.array_equal(
+        q.float_model.graph.initializers[n.inputs[2].name].const_value.numpy(), original[n.inputs[2].name])]
+    assert len(moved) >= 3
+    kept = q.replan(_with_float_ops(q.config, [convs[0].name]))  # default: the corrections stay
+    bare = q.replan(_with_float_ops(q.config, [convs[0].name]), calibrated_algorithms=False)
+    for name in moved:
+        np.testing.assert_array_equal(bare.float_model.graph.initializers[name].const_value.numpy(), original[name])
+    assert any(not np.array_equal(kept.float_model.graph.initializers[n].const_value.numpy(), original[n])
+               for n in moved[1:])
+    # a target the fully quantized model already meets: that model comes back, corrections included
+    met = search_fallback(q, [{"x": x_tr[:64]}], metric="sqnr", target=0.0, progress=False, measure_speed=False)
+    assert met.quantizer is q and not met.ops
+    # an unreachable target: the closest candidate, uncorrected (qdq.quantize rebuilds it with its corrections)
+    far = search_fallback(q, [{"x": x_tr[:64]}], metric="sqnr", target=500.0, progress=False, measure_speed=False)
+    assert far.ops and not far.quantizer.calibrated_corrections, far.summary()
+
+
 @pytest.mark.parametrize("name", ["bert", "static_cnn", "fp16"])
 def test_runs_on_unseen_models(name: str, tmp_path) -> None:
     """A transformer with int64 inputs (MatMul + Add biases), a CNN whose batch is fixed at 1 fed 8-sample

@@ -9,8 +9,9 @@ A weight converts when it is a constant int8 DequantizeLinear (no ``block_size``
 [-64, 63] (inside, a pair of products fits int16: onnxruntime's ``session.x64quantprecision`` uses the same
 rule for the few ops it converts itself) read only as input 1 of
 Conv / ConvTranspose / Gemm / MatMul whose input 0 is itself an 8-bit DequantizeLinear (an integer kernel:
-weight-only models keep int8, which changes nothing there). A zero point shared with a weight that stays
-int8 is split; a missing one becomes an explicit 128.
+weight-only models keep int8, which changes nothing there). A weight something else also reads (a tied
+embedding table that GatherThenDequantize gathers as integers) stays int8. A zero point shared with a weight
+that stays int8 is split; a missing one becomes an explicit 128.
 """
 
 from __future__ import annotations
