@@ -200,7 +200,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              kernel_format=args.kernel_format)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
-        print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend})")
+        note = ""
+        from qdq.backends import ExportBackend
+        from qdq.backends.host_cpu import resolve_kernel_format
+
+        if ExportBackend.parse(args.backend) is ExportBackend.ONNXRuntime:
+
+            fmt = resolve_kernel_format(args.kernel_format)
+            why = " (this CPU's U8S8 kernels saturate)" if fmt == "u8u8" and args.kernel_format == "auto" else ""
+            note = f", {fmt} kernels{why}"
+        print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend}{note})")
     return 0
 
 

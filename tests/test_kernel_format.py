@@ -202,3 +202,11 @@ def test_seven_bit_weights_stay_int8() -> None:
     assert model.graph.initializers["w"].dtype == ir.DataType.INT8
     x = (rng.random((3, k)) * 12).astype(np.float32)  # uint8 codes near 255: the worst case for saturation
     np.testing.assert_allclose(_run(model, {"x": x}, "all"), _run(model, {"x": x}, "none"), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_summary_names_the_format(capsys, tmp_path: Path, digits_onnx, digits_data, monkeypatch) -> None:
+    data = tmp_path / "calib.npy"
+    np.save(data, digits_data[0][:64])
+    monkeypatch.setattr(host_cpu, "u8s8_saturates", lambda: True)
+    assert main(["quantize", str(digits_onnx), "-o", str(tmp_path / "q.onnx"), "--calib-data", str(data)]) == 0
+    assert "u8u8 kernels (this CPU's U8S8 kernels saturate)" in capsys.readouterr().out
