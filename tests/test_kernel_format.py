@@ -210,3 +210,33 @@ def test_cli_summary_names_the_format(capsys, tmp_path: Path, digits_onnx, digit
     monkeypatch.setattr(host_cpu, "u8s8_saturates", lambda: True)
     assert main(["quantize", str(digits_onnx), "-o", str(tmp_path / "q.onnx"), "--calib-data", str(data)]) == 0
     assert "u8u8 kernels (this CPU's U8S8 kernels saturate)" in capsys.readouterr().out
+
+
+def test_a_tied_table_gathered_as_integers_gets_a_uint8_copy_for_its_kernel() -> None:
+    """The int8 table a Gather reads (GatherThenDequantize) is also a MatMul weight: the MatMul's
+    DequantizeLinear reads a uint8 copy, the Gather keeps the int8 original; no value changes."""
+    k, n = 8, 8
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "table"),
+             numpy_helper.from_array(np.float32(0.02), "ts"), numpy_helper.from_array(np.int8(0), "tzp"),
+             numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.uint8(128), "xzp")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows_q"]),
+             helper.make_node("DequantizeLinear", ["rows_q", "ts", "tzp"], ["rows"]),
+             helper.make_node("QuantizeLinear", ["rows", "xs", "xzp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["table", "ts", "tzp"], ["w"]),
+             helper.make_node("MatMul", ["xd", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    ids = rng.integers(0, k, (2, 3)).astype(np.int64)
+    want = _run(model, {"ids": ids}, "none")
+    assert weights_to_uint8(model) == 1
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    dq_w = next(n for n in model.graph if n.outputs[0].name == "w")
+    assert gather.inputs[0].name == "table" and gather.inputs[0].dtype == ir.DataType.INT8
+    assert dq_w.inputs[0].name == "table_uint8" and dq_w.inputs[0].dtype == ir.DataType.UINT8
+    assert dq_w.inputs[2].dtype == ir.DataType.UINT8 and int(dq_w.inputs[2].const_value.numpy()) == 128
+    got = _run(model, {"ids": ids}, "none")
+    assert np.array_equal(got, want)
+    np.testing.assert_allclose(_run(model, {"ids": ids}, "all"), want, rtol=1e-5, atol=1e-4)

@@ -18,7 +18,7 @@ __all__ = [
     "q_kind",
     "qdtype",
     "quant_ir_dtype",
-    "uint8_zero_point",
+    "uint8_twin",
     "unique_initializer_name",
 ]
 
@@ -125,9 +125,9 @@ def qdtype(ir_dtype: ir.DataType) -> QDType | None:
         return None
 
 
-def uint8_zero_point(graph: ir.Graph, zp: ir.Value, readers: set[int], done: dict[int, ir.Value]) -> ir.Value:
-    """The uint8 twin (+128) of int8 zero point ``zp``: converted in place when only nodes in ``readers`` (ids) read
-    it, else a new initializer; ``done`` (id -> twin) converts each once."""
+def uint8_twin(graph: ir.Graph, zp: ir.Value, readers: set[int], done: dict[int, ir.Value]) -> ir.Value:
+    """The uint8 twin (+128) of int8 constant ``zp`` (a zero point, or weight codes): converted in place when only
+    nodes in ``readers`` (ids) read it, else a new initializer; ``done`` (id -> twin) converts each once."""
     if id(zp) in done:
         return done[id(zp)]
     z = const_array(zp)
@@ -139,7 +139,7 @@ def uint8_zero_point(graph: ir.Graph, zp: ir.Value, readers: set[int], done: dic
         zp.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
         new = zp
     else:
-        name = unique_initializer_name(graph, f"{zp.name or 'zero_point'}_uint8")
+        name = unique_initializer_name(graph, f"{zp.name or 'constant'}_uint8")
         new = ir.Value(name=name, shape=ir.Shape(u8.shape), type=ir.TensorType(ir.DataType.UINT8),
                        const_value=ir.tensor(u8, dtype=ir.DataType.UINT8, name=name))
         graph.register_initializer(new)

@@ -17,7 +17,7 @@ import logging
 
 import onnx_ir as ir
 
-from qdq.passes._qdq_nodes import const_array, is_dq, is_q, q_kind, uint8_zero_point
+from qdq.passes._qdq_nodes import const_array, is_dq, is_q, q_kind, uint8_twin
 
 __all__ = ["ActivationsToUint8Pass", "activations_to_uint8"]
 
@@ -51,7 +51,7 @@ def activations_to_uint8(model: ir.Model) -> int:
     for q, dqs in pairs:
         zp = q.inputs[2]
         assert zp is not None
-        new = uint8_zero_point(graph, zp, readers, done)
+        new = uint8_twin(graph, zp, readers, done)
         if new is not zp:
             for n in (q, *dqs):
                 n.replace_input_with(2, new)

@@ -9,9 +9,9 @@ A weight converts when it is a constant int8 DequantizeLinear (no ``block_size``
 [-64, 63] (inside, a pair of products fits int16: onnxruntime's ``session.x64quantprecision`` uses the same
 rule for the few ops it converts itself) read only as input 1 of
 Conv / ConvTranspose / Gemm / MatMul whose input 0 is itself an 8-bit DequantizeLinear (an integer kernel:
-weight-only models keep int8, which changes nothing there). A weight something else also reads (a tied
-embedding table that GatherThenDequantize gathers as integers) stays int8. A zero point shared with a weight
-that stays int8 is split; a missing one becomes an explicit 128.
+weight-only models keep int8, which changes nothing there). A weight something else also reads as int8 (a tied
+embedding table that GatherThenDequantize gathers as integers) gets a uint8 copy for its kernels. A zero point
+shared with a weight that stays int8 is split; a missing one becomes an explicit 128.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qdq.passes._qdq_nodes import const_array, is_dq, quant_ir_dtype, uint8_zero_point, unique_initializer_name
+from qdq.passes._qdq_nodes import const_array, is_dq, quant_ir_dtype, uint8_twin, unique_initializer_name
 
 __all__ = ["WeightsToUint8Pass", "int8_kernel_weights", "weights_to_uint8"]
 
@@ -69,7 +69,7 @@ def _convertible(graph: ir.Graph) -> list[ir.Node]:
     for dqs in by_weight.values():
         w = dqs[0].inputs[0]
         assert w is not None
-        if all(id(dq) in ok for dq in dqs) and all(id(u.node) in ok and u.idx == 0 for u in w.uses()):
+        if all(id(dq) in ok for dq in dqs):  # another reader (a Gather of a tied table) keeps the int8 original
             chosen.extend(dqs)
     return chosen
 
@@ -89,13 +89,10 @@ def weights_to_uint8(model: ir.Model) -> int:
     for dq in chosen:
         w = dq.inputs[0]
         assert w is not None
-        if id(w) not in converted:
-            codes = const_array(w)
-            assert codes is not None
-            u8 = (codes.astype(np.int16) + 128).astype(np.uint8)
-            w.const_value = ir.tensor(u8, dtype=ir.DataType.UINT8, name=w.name)
-            w.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
-            converted.add(id(w))
+        converted.add(id(w))
+        new_w = uint8_twin(graph, w, readers, done)  # in place, or a copy when something else reads the int8 codes
+        if new_w is not w:
+            dq.replace_input_with(0, new_w)
         zp = dq.inputs[2] if len(dq.inputs) > 2 else None
         if zp is None:
             scale = const_array(dq.inputs[1])
@@ -107,7 +104,7 @@ def weights_to_uint8(model: ir.Model) -> int:
             while len(dq.inputs) < 3:
                 dq.resize_inputs(len(dq.inputs) + 1)
             dq.replace_input_with(2, zp)
-        new = uint8_zero_point(graph, zp, readers, done)
+        new = uint8_twin(graph, zp, readers, done)
         if new is not zp:
             dq.replace_input_with(2, new)
     if converted:
