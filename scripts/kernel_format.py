@@ -5,7 +5,8 @@
 Prints whether this CPU's U8S8 kernels saturate (x86 without VNNI/AMX: qdq.backends.host_cpu), then for each
 format: logits SQNR and top-1 agreement vs FP32 on the 244 evaluation images, the same against the model's
 reference semantics (no onnxruntime fusion), the speed vs FP32 at batch 32 (interleaved runs, median, 2
-threads) and how many Conv/Gemm run in float.
+threads) and how many Conv/Gemm run in float. Then the zoo's small BERT (MatMulIntegerToFloat kernels) in both
+formats.
 
     python scripts/kernel_format.py [--images DIR] [--out table.md]
 """
@@ -72,8 +73,32 @@ def main() -> int:
              ("| preset | kernel format | logits SQNR dB (onnxruntime kernels) | agreement % | SQNR dB (reference "
               "semantics) | speed vs FP32 (b32) | float Conv/Gemm |"),
              "|---|---|---:|---:|---:|---:|---:|", *rows]
+    lines += ["", _bert_rows()]
     emit("\n".join(lines), args.out)
     return 0
+
+
+def _bert_rows() -> str:
+    """The zoo's small BERT (int64 inputs; its MatMuls become MatMulIntegerToFloat), int8, both formats."""
+    from models.zoo import ZOO
+
+    with tempfile.TemporaryDirectory(prefix="qdq-kf-bert-") as tmp:
+        path = ZOO["bert"].export(Path(tmp) / "bert.onnx")
+        calib, evaluation = ZOO["bert"].data(64, 0), ZOO["bert"].data(64, 1)
+
+        def run(model: object, level: str = "all") -> np.ndarray:
+            s = make_session(model, level=level)
+            return np.asarray(s.run(None, {i.name: evaluation[i.name] for i in s.get_inputs()})[0])
+
+        ref = run(str(path))
+        q = Quantizer(path, "int8")
+        q.progress = False
+        q.apply_algorithms([calib])
+        q.prepare()
+        q.calibrate([calib], progress=False)
+        rows = [f"| {fmt} | {sqnr_db(ref, run(q.finalize(kernel_format=fmt))):.1f} |" for fmt in ("u8s8", "u8u8")]
+    return "\n".join(["Zoo BERT (models/zoo, int8, 64 calibration / 64 evaluation samples), output SQNR vs FP32:", "",
+                      "| kernel format | output SQNR dB (onnxruntime kernels) |", "|---|---:|", *rows])
 
 
 if __name__ == "__main__":
