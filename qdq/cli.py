@@ -200,15 +200,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              kernel_format=args.kernel_format)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
-        note = ""
         from qdq.backends import ExportBackend
-        from qdq.backends.host_cpu import resolve_kernel_format
+        from qdq.backends.host_cpu import kernel_format_for
 
-        if ExportBackend.parse(args.backend) is ExportBackend.ONNXRuntime:
-
-            fmt = resolve_kernel_format(args.kernel_format)
-            why = " (this CPU's U8S8 kernels saturate)" if fmt == "u8u8" and args.kernel_format == "auto" else ""
-            note = f", {fmt} kernels{why}"
+        fmt = kernel_format_for(ExportBackend.parse(args.backend), args.kernel_format)
+        why = " (this CPU's U8S8 kernels saturate)" if fmt == "u8u8" and args.kernel_format == "auto" else ""
+        note = f", {fmt} kernels{why}" if fmt else ""
         print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend}{note})")
     return 0
 

@@ -278,20 +278,18 @@ def search_fallback(quantizer: Quantizer, batches: Sequence[Mapping[str, np.ndar
     if score < target and raised:  # raising precision is not enough: leave ops float instead
         chosen, score, sensitivity = _fewest(ops, target, lambda chosen: trial(chosen, {}), progress, tolerance)
         raised = {}
-    if not chosen:  # nothing helps: the fully quantized model as it was (its after-calibration corrections too)
-        result.sensitivity, result.evaluations = sensitivity, evaluate.count
-        logger.info("fallback: %s", result.summary())
-        return result
-    final = trial(chosen, raised)
-    assert final is not None
-    chosen_q = final[2]
-    order = {op: i for i, op in enumerate(ops)}
-    chosen = sorted(chosen, key=order.__getitem__)
-    result = FallbackResult(metric, target, before, score, [op for op in chosen if op not in raised], len(ops),
-                            evaluate.count, _with_float_ops(base_cfg, chosen, raised), chosen_q,
-                            sensitivity=sensitivity, raised=[op for op in chosen if op in raised])
-    if measure_speed and chosen:
-        result.speed_cost = evaluate.seconds(chosen_q) / evaluate.seconds(quantizer)
+    result.sensitivity = sensitivity  # nothing chosen: the model as it was (after-calibration corrections too)
+    if chosen:
+        final = trial(chosen, raised)
+        assert final is not None
+        chosen_q = final[2]
+        order = {op: i for i, op in enumerate(ops)}
+        chosen = sorted(chosen, key=order.__getitem__)
+        result = FallbackResult(metric, target, before, score, [op for op in chosen if op not in raised], len(ops),
+                                evaluate.count, _with_float_ops(base_cfg, chosen, raised), chosen_q,
+                                sensitivity=sensitivity, raised=[op for op in chosen if op in raised])
+        if measure_speed:
+            result.speed_cost = evaluate.seconds(chosen_q) / evaluate.seconds(quantizer)
     result.evaluations = evaluate.count
     logger.info("fallback: %s", result.summary())
     return result

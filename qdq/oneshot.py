@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from qdq.backends import ExportBackend
 from qdq.backends.artifact import backend_options, check_backend_plan, check_suffix, is_torch_backend, require_converter
-from qdq.backends.host_cpu import resolve_kernel_format
+from qdq.backends.host_cpu import kernel_format_for
 from qdq.errors import ConfigError
 from qdq.model_check import external_locations
 from qdq.model_io import check_output_path, save, write_text
@@ -118,10 +118,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     if extra and not torch_backend:
         raise ConfigError(f"{', '.join(extra)} are Core ML / Core AI options; add --backend coreml or coreai")
     options = backend_options(**extra) if torch_backend else None
-    if kernel_format not in (None, "auto"):
-        resolve_kernel_format(kernel_format)  # a bad name fails before any work
-        if torch_backend:
-            raise ConfigError(f"--kernel-format is an onnxruntime option, not one of {backend.value}")
+    kernel_format_for(backend, kernel_format)  # a bad name, or one asked of Core ML / Core AI, before any work
     reads = [Path(p) for p in (model, calibration_data) if isinstance(p, (str, os.PathLike))]
     if output is not None:
         check_output_path(output, inputs=reads)  # never the model or the data file qdq reads

@@ -562,12 +562,12 @@ def finalize_model(model: Any, backend: Any = ExportBackend.ONNXRuntime, *, exam
     """
     from qdq.backends.artifact import backend_options as make_options
     from qdq.backends.artifact import finalize_for_backend, is_torch_backend
+    from qdq.backends.host_cpu import kernel_format_for
     from qdq.backends.pipelines import run_finalize
 
     backend = ExportBackend.parse(backend)
+    kernel_format_for(backend, kernel_format)  # a bad name, or one asked of Core ML / Core AI: one line
     if is_torch_backend(backend):
-        if kernel_format not in (None, "auto"):
-            raise ConfigError(f"kernel_format is an onnxruntime option, not one of {backend.value}")
         opts = make_options(options, **backend_options)
         return finalize_for_backend(model, backend, opts, example_inputs=example_inputs)
     if backend_options or options is not None:

@@ -387,10 +387,10 @@ def compare(
     last chunk is padded with copies, which are not measured).
     """
     level: str = optimization or ("disabled" if per_layer else "all")
-    opt_level(level)  # a bad name is a ConfigError before any work
+    fused = opt_level(level) != "none"  # a bad name is a ConfigError before any work
     fp, q = _as_model(fp32_model, "FP32"), _as_model(quant_model, "quantized")
     fp_in, q_in = fp.inputs(), q.inputs()
-    if opt_level(level) != "none":
+    if fused:
         _warn_if_saturating(q.graph())
     if isinstance(data, (str, os.PathLike)):
         data = open_data(Path(data), fp_in, num_samples=num_samples, role="evaluation")

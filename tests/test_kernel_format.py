@@ -44,6 +44,13 @@ def _weight_dtypes(model: ir.Model) -> set[ir.DataType]:
     return out
 
 
+def _model(nodes: list, inits: list, x: tuple[str, int, list[int]]) -> ir.Model:
+    """An opset-21 model of ``nodes`` / ``inits`` with one input ``x`` = (name, TensorProto dtype, shape), output y."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(*x)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+
 @pytest.fixture(scope="module")
 def digits_q(digits_onnx, digits_data) -> Quantizer:
     x = digits_data[0][:256]
@@ -137,9 +144,7 @@ def test_a_zero_point_shared_with_a_float_input_matmul_is_split() -> None:
              helper.make_node("MatMul", ["xd", "wad"], ["ya"]),
              helper.make_node("MatMul", ["x", "wbd"], ["yb"]),
              helper.make_node("Add", ["ya", "yb"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model = _model(nodes, inits, ("x", TensorProto.FLOAT, [3, k]))
     x = rng.standard_normal((3, k)).astype(np.float32)
     want = _run(model, {"x": x}, "none")
     assert weights_to_uint8(model) == 1
@@ -195,9 +200,7 @@ def test_seven_bit_weights_stay_int8() -> None:
              helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], axis=1),
              helper.make_node("MatMul", ["xd", "wd"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model = _model(nodes, inits, ("x", TensorProto.FLOAT, [3, k]))
     assert weights_to_uint8(model) == 0
     assert model.graph.initializers["w"].dtype == ir.DataType.INT8
     x = (rng.random((3, k)) * 12).astype(np.float32)  # uint8 codes near 255: the worst case for saturation
@@ -226,9 +229,7 @@ def test_a_tied_table_gathered_as_integers_gets_a_uint8_copy_for_its_kernel() ->
              helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"]),
              helper.make_node("DequantizeLinear", ["table", "ts", "tzp"], ["w"]),
              helper.make_node("MatMul", ["xd", "w"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model = _model(nodes, inits, ("ids", TensorProto.INT64, [2, 3]))
     ids = rng.integers(0, k, (2, 3)).astype(np.int64)
     want = _run(model, {"ids": ids}, "none")
     assert weights_to_uint8(model) == 1

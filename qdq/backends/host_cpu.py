@@ -19,7 +19,10 @@ import functools
 import platform
 import subprocess
 
-__all__ = ["KERNEL_FORMATS", "resolve_kernel_format", "u8s8_saturates"]
+from qdq.backends.capabilities import ExportBackend
+from qdq.errors import ConfigError
+
+__all__ = ["KERNEL_FORMATS", "kernel_format_for", "resolve_kernel_format", "u8s8_saturates"]
 
 KERNEL_FORMATS = ("auto", "u8s8", "u8u8")
 
@@ -56,13 +59,26 @@ def u8s8_saturates() -> bool:
     return flags is None or not (flags & _EXACT_FLAGS)
 
 
-def resolve_kernel_format(kernel_format: str | None) -> str:
-    """``"u8s8"`` or ``"u8u8"`` for ``kernel_format`` (``None``/``"auto"``: u8u8 where U8S8 saturates on this CPU)."""
-    from qdq.errors import ConfigError
-
+def _checked(kernel_format: str | None) -> str:
     fmt = "auto" if kernel_format is None else str(kernel_format).lower()
     if fmt not in KERNEL_FORMATS:
         raise ConfigError(f"kernel_format must be one of {', '.join(KERNEL_FORMATS)}, got {kernel_format!r}")
+    return fmt
+
+
+def resolve_kernel_format(kernel_format: str | None) -> str:
+    """``"u8s8"`` or ``"u8u8"`` for ``kernel_format`` (``None``/``"auto"``: u8u8 where U8S8 saturates on this CPU)."""
+    fmt = _checked(kernel_format)
     if fmt == "auto":
         return "u8u8" if u8s8_saturates() else "u8s8"
     return fmt
+
+
+def kernel_format_for(backend: ExportBackend, kernel_format: str | None) -> str | None:
+    """The resolved format onnxruntime's finalize uses, None for the other backends; a bad name, or a format
+    asked of another backend, is one ConfigError line."""
+    if backend is ExportBackend.ONNXRuntime:
+        return resolve_kernel_format(kernel_format)
+    if _checked(kernel_format) != "auto":
+        raise ConfigError(f"kernel_format (--kernel-format) is an onnxruntime option, not one of {backend.value}")
+    return None

@@ -97,7 +97,9 @@ def unique_initializer_name(graph: ir.Graph, base: str) -> str:
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer named ``base`` (or ``base_N`` if taken); returns its value."""
-    value = ir.Value(name=unique_initializer_name(graph, base), const_value=ir.tensor(array))
+    tensor = ir.tensor(array)
+    value = ir.Value(name=unique_initializer_name(graph, base), shape=ir.Shape(np.shape(array)),
+                     type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
@@ -125,23 +127,19 @@ def qdtype(ir_dtype: ir.DataType) -> QDType | None:
         return None
 
 
-def uint8_twin(graph: ir.Graph, zp: ir.Value, readers: set[int], done: dict[int, ir.Value]) -> ir.Value:
-    """The uint8 twin (+128) of int8 constant ``zp`` (a zero point, or weight codes): converted in place when only
+def uint8_twin(graph: ir.Graph, value: ir.Value, readers: set[int], done: dict[int, ir.Value]) -> ir.Value:
+    """The uint8 twin (+128) of int8 constant ``value`` (a zero point, or weight codes): converted in place when only
     nodes in ``readers`` (ids) read it, else a new initializer; ``done`` (id -> twin) converts each once."""
-    if id(zp) in done:
-        return done[id(zp)]
-    z = const_array(zp)
+    if id(value) in done:
+        return done[id(value)]
+    z = const_array(value)
     assert z is not None
     u8 = (z.astype(np.int16) + 128).astype(np.uint8)
-    in_place = zp.is_initializer() and all(id(u.node) in readers for u in zp.uses())
-    if in_place:
-        zp.const_value = ir.tensor(u8, dtype=ir.DataType.UINT8, name=zp.name)
-        zp.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
-        new = zp
+    if value.is_initializer() and all(id(u.node) in readers for u in value.uses()):
+        value.const_value = ir.tensor(u8, dtype=ir.DataType.UINT8, name=value.name)
+        value.type = ir.TensorType(ir.DataType.UINT8)  # a new type: clones share TensorType objects
+        twin = value
     else:
-        name = unique_initializer_name(graph, f"{zp.name or 'constant'}_uint8")
-        new = ir.Value(name=name, shape=ir.Shape(u8.shape), type=ir.TensorType(ir.DataType.UINT8),
-                       const_value=ir.tensor(u8, dtype=ir.DataType.UINT8, name=name))
-        graph.register_initializer(new)
-    done[id(zp)] = new
-    return new
+        twin = add_initializer(graph, f"{value.name or 'constant'}_uint8", u8)
+    done[id(value)] = twin
+    return twin

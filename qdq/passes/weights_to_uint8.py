@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qdq.passes._qdq_nodes import const_array, is_dq, quant_ir_dtype, uint8_twin, unique_initializer_name
+from qdq.passes._qdq_nodes import add_initializer, const_array, is_dq, quant_ir_dtype, uint8_twin
 
 __all__ = ["WeightsToUint8Pass", "int8_kernel_weights", "weights_to_uint8"]
 
@@ -94,16 +94,13 @@ def weights_to_uint8(model: ir.Model) -> int:
         if new_w is not w:
             dq.replace_input_with(0, new_w)
         zp = dq.inputs[2] if len(dq.inputs) > 2 else None
-        if zp is None:
+        if zp is None:  # int8 zero point 0 -> an explicit uint8 128, shaped like the scale
             scale = const_array(dq.inputs[1])
             shape = () if scale is None else scale.shape
-            name = unique_initializer_name(graph, f"{w.name or dq.name or 'weight'}_zero_point")
-            zp = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.INT8),
-                          const_value=ir.tensor(np.zeros(shape, np.int8), dtype=ir.DataType.INT8, name=name))
-            graph.register_initializer(zp)
-            while len(dq.inputs) < 3:
-                dq.resize_inputs(len(dq.inputs) + 1)
-            dq.replace_input_with(2, zp)
+            dq.resize_inputs(3)
+            dq.replace_input_with(2, add_initializer(graph, f"{w.name or dq.name or 'weight'}_zero_point",
+                                                     np.full(shape, 128, np.uint8)))
+            continue
         new = uint8_twin(graph, zp, readers, done)
         if new is not zp:
             dq.replace_input_with(2, new)
