@@ -5,8 +5,8 @@
 Prints whether this CPU's U8S8 kernels saturate (x86 without VNNI/AMX: qdq.backends.host_cpu), then for each
 format: logits SQNR and top-1 agreement vs FP32 on the 244 evaluation images, the same against the model's
 reference semantics (no onnxruntime fusion), the speed vs FP32 at batch 32 (interleaved runs, median, 2
-threads) and how many Conv/Gemm run in float. Then the zoo's small BERT (MatMulIntegerToFloat kernels) in both
-formats.
+threads) and how many Conv/Gemm run in float. Then every zoo model in both formats against its reference
+semantics.
 
     python scripts/kernel_format.py [--images DIR] [--out table.md]
 """
@@ -73,33 +73,40 @@ def main() -> int:
              ("| preset | kernel format | logits SQNR dB (onnxruntime kernels) | agreement % | SQNR dB (reference "
               "semantics) | speed vs FP32 (b32) | float Conv/Gemm |"),
              "|---|---|---:|---:|---:|---:|---:|", *rows]
-    lines += ["", _bert_rows()]
+    lines += ["", _zoo_rows()]
     emit("\n".join(lines), args.out)
     return 0
 
 
-def _bert_rows() -> str:
-    """The zoo's small BERT (int64 inputs; its MatMuls become MatMulIntegerToFloat), int8, both formats."""
+def _zoo_rows() -> str:
+    """Every zoo model (static batch, int64 inputs, float16, opset 11, transformers, GRU), int8, both formats,
+    and the reference semantics (the prepared QDQ graph run unoptimized)."""
     from models.zoo import ZOO
+    from qdq.model_inputs import model_inputs
+    from qdq.model_io import load_model
+    from qdq.session import run_batched
 
-    with tempfile.TemporaryDirectory(prefix="qdq-kf-bert-") as tmp:
-        path = ZOO["bert"].export(Path(tmp) / "bert.onnx")
-        calib, evaluation = ZOO["bert"].data(64, 0), ZOO["bert"].data(64, 1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qdq-kf-zoo-") as tmp:
+        for name, zoo in ZOO.items():
+            path = zoo.export(Path(tmp) / f"{name}.onnx")
+            calib, evaluation = zoo.data(64, 0), zoo.data(64, 1)
 
-        def run(model: object, level: str = "all") -> np.ndarray:
-            s = make_session(model, level=level)
-            return np.asarray(s.run(None, {i.name: evaluation[i.name] for i in s.get_inputs()})[0])
+            def run(model: object, data: dict[str, np.ndarray] = evaluation, level: str = "all") -> np.ndarray:
+                loaded = load_model(model)
+                inputs = model_inputs(loaded)
+                return np.asarray(run_batched(make_session(loaded, level=level), inputs.feeds(data), inputs)[0])
 
-        ref = run(str(path))
-        q = Quantizer(path, "int8")
-        q.progress = False
-        q.apply_algorithms([calib])
-        q.prepare()
-        q.calibrate([calib], progress=False)
-        rows = [f"| {fmt} | {sqnr_db(ref, run(q.finalize(kernel_format=fmt))):.1f} |" for fmt in ("u8s8", "u8u8")]
-    return "\n".join(["Zoo BERT (models/zoo, int8, 64 calibration / 64 evaluation samples), output SQNR vs FP32:", "",
-                      "| kernel format | output SQNR dB (onnxruntime kernels) |", "|---|---:|", *rows])
-
+            ref = run(str(path))
+            q = Quantizer(path, "int8")
+            q.progress = False
+            q.apply_algorithms([calib])
+            q.prepare()
+            q.calibrate([calib], progress=False)
+            dbs = [sqnr_db(ref, run(q.finalize(kernel_format=fmt))) for fmt in ("u8s8", "u8u8")]
+            rows.append(f"| {name} | {dbs[0]:.1f} | {dbs[1]:.1f} | {sqnr_db(ref, run(q.qdq_model(), level='none')):.1f} |")
+    return "\n".join(["Zoo models (models/zoo), int8, 64 calibration / 64 evaluation samples, first output's SQNR vs FP32:",
+                      "", "| model | u8s8 dB | u8u8 dB | reference semantics dB |", "|---|---:|---:|---:|", *rows])
 
 if __name__ == "__main__":
     sys.exit(main())
