@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qdq.metrics import expected_agreement, sqnr_db
+from qdq.metrics import agreement_interval, flip_probabilities, sqnr_db
 from qdq.model_io import load_model
 from qdq.oneshot import quantize
 from qdq.progress import progress_bar
@@ -44,6 +44,9 @@ class PTQRow:
     #: top-1 agreement to expect on new images (:func:`qdq.metrics.expected_agreement`: every FP32 margin
     #: against every observed error; the counted one moves in steps of one image and hinges on near-ties)
     expected_agreement: float = 100.0
+    #: 90 % range of the agreement counted on these images under the same error level
+    #: (:func:`qdq.metrics.agreement_interval`)
+    agreement_range: tuple[float, float] = (100.0, 100.0)
 
 
 def _logits(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -69,9 +72,11 @@ def ptq_rows(fp32_path: str | Path, calib: Callable[[], Iterable[np.ndarray]], e
                  progress=False)
         seconds = time.perf_counter() - t0
         logits = _logits(path, eval_x, batch_size)
+        flips = flip_probabilities(ref, logits)
         rows.append(PTQRow(name, float((logits.argmax(-1) == eval_y).mean() * 100),
                            float((logits.argmax(-1) == ref.argmax(-1)).mean() * 100), sqnr_db(ref, logits),
-                           path.stat().st_size / 1e6, seconds, expected_agreement(ref, logits)))
+                           path.stat().st_size / 1e6, seconds, 100.0 * (1.0 - float(flips.mean())),
+                           agreement_interval(flips)))
     return rows
 
 

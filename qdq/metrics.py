@@ -18,8 +18,9 @@ import numpy as np
 
 from qdq.errors import ModelError
 
-__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "Sqnr",
-           "expected_agreement", "neighbour_agreement", "sqnr_db", "top1"]
+__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "ScoreSample",
+           "Sqnr", "agreement_interval", "expected_agreement", "flip_probabilities", "neighbour_agreement", "sqnr_db",
+           "top1"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,22 @@ def neighbour_agreement(ref: np.ndarray, test: np.ndarray) -> float:
     return float(np.mean(_nearest(ref) == _nearest(test)))
 
 
+def flip_probabilities(ref: np.ndarray, test: np.ndarray, *, max_errors: int = 256, chunk: int = 32) -> np.ndarray:
+    """Per sample ``i``: the share of observed errors ``test[j] - ref[j]`` (up to ``max_errors`` of them, evenly
+    spaced) that change its top-1 when added to its FP32 scores ``ref[i]``: how likely quantization noise of the
+    kind measured flips that sample. ``ref``/``test``: ``[N, classes]``; returns ``[N]`` in 0..1."""
+    ref = np.asarray(ref, np.float32).reshape(len(ref), -1)
+    err = np.asarray(test, np.float32).reshape(len(test), -1) - ref
+    if len(err) > max_errors:
+        err = err[np.linspace(0, len(err) - 1, max_errors).round().astype(int)]
+    labels = ref.argmax(-1)
+    kept = np.empty(len(ref), np.float64)
+    for i in range(0, len(ref), chunk):
+        rows = ref[i:i + chunk, None, :] + err[None, :, :]  # [chunk, errors, classes]
+        kept[i:i + chunk] = np.count_nonzero(rows.argmax(-1) == labels[i:i + chunk, None], axis=1)
+    return 1.0 - kept / max(len(err), 1)
+
+
 def expected_agreement(ref: np.ndarray, test: np.ndarray, *, max_errors: int = 256, chunk: int = 32) -> float:
     """Top-1 agreement (%) to expect on new samples: every FP32 score row ``ref[i]`` plus every observed error
     ``test[j] - ref[j]`` (up to ``max_errors`` of them, evenly spaced), counted as agreeing when its top-1 stays.
@@ -147,16 +164,53 @@ def expected_agreement(ref: np.ndarray, test: np.ndarray, *, max_errors: int = 2
     among them (a FP32 margin of 0.006 flips under any quantization); pairing each margin with every error
     treats errors and margins as independent, which smooths the estimate and does not overfit which samples
     happen to be near-ties. ``ref``/``test``: ``[N, classes]``."""
-    ref = np.asarray(ref, np.float32).reshape(len(ref), -1)
-    err = np.asarray(test, np.float32).reshape(len(test), -1) - ref
-    if len(err) > max_errors:
-        err = err[np.linspace(0, len(err) - 1, max_errors).round().astype(int)]
-    labels = ref.argmax(-1)
-    kept = 0
-    for i in range(0, len(ref), chunk):
-        rows = ref[i:i + chunk, None, :] + err[None, :, :]  # [chunk, errors, classes]
-        kept += int(np.count_nonzero(rows.argmax(-1) == labels[i:i + chunk, None]))
-    return 100.0 * kept / (len(ref) * len(err))
+    return 100.0 * (1.0 - float(np.mean(flip_probabilities(ref, test, max_errors=max_errors, chunk=chunk))))
+
+
+def agreement_interval(flips: np.ndarray, level: float = 0.9) -> tuple[float, float]:
+    """Central ``level`` interval (%) of the agreement counted on these samples when each sample ``i`` flips
+    independently with probability ``flips[i]`` (:func:`flip_probabilities`): how far the counted agreement of
+    another quantization with the same error level may land from this one's, on the same samples."""
+    p = np.clip(np.asarray(flips, np.float64).ravel(), 0.0, 1.0)
+    n = len(p)
+    if n == 0:
+        return 100.0, 100.0
+    dist = np.zeros(n + 1)
+    dist[0] = 1.0
+    for k, q in enumerate(p, start=1):  # Poisson-binomial: number of flips
+        dist[1:k + 1] = dist[1:k + 1] * (1.0 - q) + dist[:k] * q
+        dist[0] *= 1.0 - q
+    cdf = np.cumsum(dist)
+    tail = (1.0 - level) / 2
+    lo_flips = int(np.searchsorted(cdf, tail - 1e-12))
+    hi_flips = int(np.searchsorted(cdf, 1.0 - tail - 1e-12))
+    return 100.0 * (n - min(hi_flips, n)) / n, 100.0 * (n - lo_flips) / n
+
+
+class ScoreSample:
+    """For class-score outputs: keeps the first ``limit`` FP32 and quantized rows, for
+    :func:`expected_agreement` and :func:`agreement_interval` at the end (``limit`` x classes floats each)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self.ref: list[np.ndarray] = []
+        self.test: list[np.ndarray] = []
+        self.count = 0
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        take = min(len(ref), self.limit - self.count)
+        if take > 0:
+            self.ref.append(np.asarray(ref[:take], np.float32))
+            self.test.append(np.asarray(test[:take], np.float32))
+            self.count += take
+
+    def result(self, level: float = 0.9) -> tuple[float, tuple[float, float]] | None:
+        """(expected agreement %, ``level`` interval of the counted one %) on the kept rows, or None if too few."""
+        if self.count < 2:
+            return None
+        ref, test = np.concatenate(self.ref), np.concatenate(self.test)
+        flips = flip_probabilities(ref, test)
+        return 100.0 * (1.0 - float(np.mean(flips))), agreement_interval(flips, level)
 
 
 class Counter:
@@ -188,6 +242,10 @@ class OutputMetrics:
     cosine: float | None = None  #: mean per-sample cosine similarity of FP32 and quantized outputs
     #: embedding outputs [N, D]: each sample's nearest other sample (cosine) is the same with both models
     neighbour_agreement: float | None = None
+    #: class scores: top-1 agreement to expect on new samples (:func:`expected_agreement`, first 1024 samples)
+    expected_agreement: float | None = None
+    #: class scores: 90 % interval of the counted agreement under the same error level (:func:`agreement_interval`)
+    agreement_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -221,12 +279,16 @@ class CompareReport:
                  f"graph optimization: {self.optimization})")]
         has_acc = any(o.fp32_accuracy is not None for o in self.outputs)
         has_nn = any(o.neighbour_agreement is not None for o in self.outputs)
-        head = ["output", "SQNR dB", "cosine", "top-1 agree", "max |diff|"] + (["NN agree"] if has_nn else [])
+        has_exp = any(o.expected_agreement is not None for o in self.outputs)
+        head = ["output", "SQNR dB", "cosine", "top-1 agree"] + (["expected (90 % range)"] if has_exp else [])
+        head += ["max |diff|"] + (["NN agree"] if has_nn else [])
         head += ["FP32 acc", "quant acc", "delta"] if has_acc else []
         rows = []
         for o in self.outputs:
             cos = "-" if o.cosine is None else f"{o.cosine:.4f}"
-            row = [o.name, _fmt_db(o.sqnr_db), cos, _fmt_pct(o.top1_agreement), f"{o.max_abs_diff:.4g}"]
+            row = [o.name, _fmt_db(o.sqnr_db), cos, _fmt_pct(o.top1_agreement)]
+            row += [expected_text(o)] if has_exp else []
+            row += [f"{o.max_abs_diff:.4g}"]
             row += [_fmt_pct(o.neighbour_agreement)] if has_nn else []
             if has_acc:
                 delta = (None if o.fp32_accuracy is None or o.quant_accuracy is None
@@ -250,6 +312,16 @@ def _fmt_db(x: float) -> str:
 
 def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def expected_text(o: OutputMetrics) -> str:
+    """``99.29 % (98.77-99.59)``: expected agreement and the 90 % range of the counted one."""
+    if o.expected_agreement is None:
+        return "-"
+    if o.agreement_range is None:
+        return _fmt_pct(o.expected_agreement)
+    lo, hi = o.agreement_range
+    return f"{_fmt_pct(o.expected_agreement)} ({100 * lo:.2f}-{100 * hi:.2f})"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -38,6 +38,7 @@ from qdq.metrics import (
     LayerMetrics,
     NeighbourAgreement,
     OutputMetrics,
+    ScoreSample,
     Sqnr,
     sqnr_db,
     top1,
@@ -303,6 +304,7 @@ class _Accumulators:
         self.acc_fp = {a: Counter() for a, _ in pairs}
         self.acc_q = {a: Counter() for a, _ in pairs}
         self.neighbours = {a: NeighbourAgreement() for a, _ in pairs if a not in scores}
+        self.score_rows = {a: ScoreSample() for a, _ in pairs}
         self.probes = list(probes)
         self.layers = [Sqnr() for _ in probes]
 
@@ -318,6 +320,7 @@ class _Accumulators:
             if top_r is None or top_q is None:
                 continue
             self.agree[a].update(top_r, top_q)
+            self.score_rows[a].update(ref[a], test[b])
             if labels is not None and top_r.shape[0] == n:
                 classes = ref[a].shape[-1]
                 bad = labels[(labels < 0) | (labels >= classes)]
@@ -330,9 +333,15 @@ class _Accumulators:
             acc.update(ref[p.reference], test[p.quantized])
 
     def outputs(self) -> list[OutputMetrics]:
-        return [OutputMetrics(a, self.sqnr[a].db, self.sqnr[a].max_abs, self.agree[a].rate, self.acc_fp[a].rate,
-                              self.acc_q[a].rate, self.cosine[a].mean,
-                              self.neighbours[a].rate if a in self.neighbours else None) for a, _ in self.pairs]
+        metrics = []
+        for a, _ in self.pairs:
+            expected = self.score_rows[a].result()
+            metrics.append(OutputMetrics(
+                a, self.sqnr[a].db, self.sqnr[a].max_abs, self.agree[a].rate, self.acc_fp[a].rate,
+                self.acc_q[a].rate, self.cosine[a].mean, self.neighbours[a].rate if a in self.neighbours else None,
+                None if expected is None else expected[0] / 100,
+                None if expected is None else (expected[1][0] / 100, expected[1][1] / 100)))
+        return metrics
 
     def layer_metrics(self) -> list[LayerMetrics]:
         return sorted((LayerMetrics(p.reference, s.db, s.max_abs, p.node) for p, s in zip(self.probes, self.layers)),

@@ -4,7 +4,8 @@
 Calibrates on the first 256 images (name order), evaluates on the other 244, for the presets
 int8 (moving_average), int8-global-minmax, fp8, w8 and w4; each finalized for onnxruntime.
 Columns: top-1, agreement with FP32 (counted, and expected on new images: every FP32 margin against every
-observed error, qdq.metrics.expected_agreement), logits SQNR, file size, quantize time, onnxruntime speed
+observed error, qdq.metrics.expected_agreement, and the 90 % range of the counted one under that error level,
+qdq.metrics.agreement_interval), logits SQNR, file size, quantize time, onnxruntime speed
 vs FP32 at batch 32 (interleaved runs, median, 2 threads) and float Conv/Gemm left.
 
     python scripts/ptq_table.py [--images DIR] [--out table.md]
@@ -127,13 +128,14 @@ def main() -> int:
                f"{datetime.date.today()}, {cpu_name()}, onnxruntime {ort.__version__}, "
                "2 threads. Command: `python scripts/ptq_table.py`.")
     lines = [caption, "",
-             ("| config | top-1 % | agreement % | expected agreement % | logits SQNR dB | file MB | quantize s | "
-              "speed vs FP32 (b32) | float Conv/Gemm |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             ("| config | top-1 % | agreement % | expected agreement % | 90 % range % | logits SQNR dB | file MB | "
+              "quantize s | speed vs FP32 (b32) | float Conv/Gemm |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     r0 = rows[0]
-    lines.append(f"| FP32 | {r0.top1:.2f} | 100.00 | 100.00 | — | {r0.size_mb:.1f} | — | 1.00x | — |")
+    lines.append(f"| FP32 | {r0.top1:.2f} | 100.00 | 100.00 | — | — | {r0.size_mb:.1f} | — | 1.00x | — |")
     for r, s, f in zip(rows[1:], speed, floats):
-        lines.append(f"| {r.name} | {r.top1:.2f} | {r.agreement:.2f} | {r.expected_agreement:.2f} | {r.sqnr_db:.1f} | "
+        lines.append(f"| {r.name} | {r.top1:.2f} | {r.agreement:.2f} | {r.expected_agreement:.2f} | "
+                     f"{r.agreement_range[0]:.2f}-{r.agreement_range[1]:.2f} | {r.sqnr_db:.1f} | "
                      f"{r.size_mb:.1f} | {r.seconds:.1f} | {s:.2f}x | {f} |")
     emit("\n".join(lines), args.out)
     return 0

@@ -119,6 +119,43 @@ def test_expected_agreement_pairs_every_margin_with_every_error() -> None:
     assert expected_agreement(ref, test, max_errors=10) == pytest.approx(want, abs=8)
 
 
+def test_agreement_interval_is_the_poisson_binomial_of_the_flip_probabilities() -> None:
+    """Each sample flips with its own probability: the interval's ends are the quantiles of the flip count,
+    checked against a Monte Carlo draw; certain outcomes give a point."""
+    from qdq.metrics import agreement_interval, flip_probabilities
+
+    rng = np.random.default_rng(3)
+    p = np.concatenate([np.zeros(180), rng.uniform(0.0, 0.6, 20)])
+    draws = (rng.random((20000, len(p))) < p).sum(axis=1)
+    lo, hi = agreement_interval(p, level=0.9)
+    want_hi = 100 * (len(p) - np.quantile(draws, 0.05, method="inverted_cdf")) / len(p)
+    want_lo = 100 * (len(p) - np.quantile(draws, 0.95, method="inverted_cdf")) / len(p)
+    assert lo <= hi
+    assert lo == pytest.approx(want_lo, abs=0.5 + 1e-9) and hi == pytest.approx(want_hi, abs=0.5 + 1e-9)
+    assert agreement_interval(np.zeros(50)) == (100.0, 100.0)
+    assert agreement_interval(np.ones(4)) == (0.0, 0.0)
+    assert agreement_interval(np.full(2, 0.5), level=0.5) == (50.0, 100.0)  # flips: 0 (1/4), 1 (1/2), 2 (1/4)
+    ref = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 0.001]], np.float32)
+    test = ref + np.array([[0.0, 0.0], [0.0, 0.0], [0.002, 0.0]], np.float32)  # only the near-tie's own error flips
+    np.testing.assert_allclose(flip_probabilities(ref, test), [0.0, 0.0, 1 / 3])
+
+
+def test_compare_reports_expected_agreement_for_class_scores(npy: Path, xs: np.ndarray, tmp_path: Path) -> None:
+    from qdq.metrics import agreement_interval, flip_probabilities
+
+    onnx.save(fp32_model(), tmp_path / "fp.onnx")
+    report = compare(tmp_path / "fp.onnx", quant_model(), open_data(npy, ["x"]), batch_size=8, progress=False,
+                     optimization="disabled")
+    (out,) = report.outputs
+    want = reference(xs)
+    flips = flip_probabilities(want["y"], want["yq"])
+    assert out.expected_agreement == pytest.approx(1 - flips.mean(), abs=1e-6)
+    lo, hi = agreement_interval(flips)
+    assert out.agreement_range == pytest.approx((lo / 100, hi / 100))
+    assert out.agreement_range[0] <= out.expected_agreement <= out.agreement_range[1]
+    assert f"{100 * out.expected_agreement:.2f} % ({lo:.2f}-{hi:.2f})" in report.format()
+
+
 def test_output_metrics_match_numpy(npy: Path, xs: np.ndarray, tmp_path: Path) -> None:
     onnx.save(fp32_model(), tmp_path / "fp.onnx")
     src = open_data(npy, ["x"])

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qdq.metrics import expected_text
+
 if TYPE_CHECKING:
     from qdq.report import LayerRow, Report
     from qdq.report.layers import ActivationStats
@@ -48,10 +50,11 @@ def _ms(x: float | None) -> str:
 
 
 def _output_rows(report: Report) -> tuple[list[str], list[list[str]]]:
-    head = ["output", "SQNR dB", "cosine", "top-1 agreement", "NN agreement", "FP32 accuracy", "quant accuracy",
-            "max |diff|"]
+    head = ["output", "SQNR dB", "cosine", "top-1 agreement", "expected agreement (90 % range)", "NN agreement",
+            "FP32 accuracy", "quant accuracy", "max |diff|"]
     rows = [[o.name, _db(o.sqnr_db), "-" if o.cosine is None else f"{o.cosine:.4f}", _pct(o.top1_agreement),
-             _pct(o.neighbour_agreement), _pct(o.fp32_accuracy), _pct(o.quant_accuracy), f"{o.max_abs_diff:.4g}"]
+             expected_text(o), _pct(o.neighbour_agreement), _pct(o.fp32_accuracy), _pct(o.quant_accuracy),
+             f"{o.max_abs_diff:.4g}"]
             for o in report.outputs]
     return head, rows
 
