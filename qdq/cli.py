@@ -387,6 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_fresh_line() + "qdq: error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qdq compare ... | head`: the reader left; nothing to report, like other tools
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except OSError:
+            pass
+        return 141
     except Exception as exc:  # noqa: BLE001 - an unexpected failure still gets one line unless --debug
         if args.debug:
             traceback.print_exc()

@@ -145,7 +145,10 @@ class ModelInputs(Sequence[InputSpec]):
                 continue
             if i == 0 and self.static_batch is not None and not spec.optional:
                 continue  # any number of samples: run in chunks of the model's batch
-            raise DataError(f"{where}: input '{name}' got shape {fmt_shape(full)} but the model expects "
+            got = (f"shape {fmt_shape(full)}" if batched else
+                   f"one sample of shape {fmt_shape(tuple(shape))} (an array with one dim fewer than the input is "
+                   f"read as a single sample)")
+            raise DataError(f"{where}: input '{name}' got {got} but the model expects "
                             f"{spec.describe()} (dim {i} must be {want}); resize or re-save the data")
 
     def convert(self, name: str, x: Any, where: str = "the batch") -> np.ndarray:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from qdq.backends import ExportBackend
 from qdq.backends.artifact import backend_options, check_backend_plan, check_suffix, is_torch_backend, require_converter
 from qdq.backends.host_cpu import kernel_format_for
-from qdq.errors import ConfigError
+from qdq.errors import ConfigError, ModelError, first_line
 from qdq.model_check import external_locations
 from qdq.model_io import check_output_path, save, write_text
 from qdq.quantizer import Quantizer, as_config
@@ -125,7 +125,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     quantizer = Quantizer(model, cfg)
     if output is not None:
         check_output_path(output, inputs=external_locations(quantizer.float_model))
-    check_backend_plan(quantizer.plan, backend, options)
+    check_backend_plan(quantizer.plan, backend, options, model=quantizer.float_model)
     if output is not None and (torch_backend or Path(output).suffix in (".mlpackage", ".aimodel")):
         check_suffix(output, backend)
     if torch_backend:
@@ -195,10 +195,23 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     for note in getattr(final, "notes", []):
         logger.warning("%s legalization: %s", backend.value, note)
     if output is not None:
+        if not torch_backend:
+            _check_loads(final)
         save(final, output)
         if fallback is not None:
             write_text(Path(output).with_suffix(".fallback.yaml"), _fallback_yaml(fallback))
     return final
+
+
+def _check_loads(final: Any) -> None:
+    """Refuse to write an onnxruntime model onnxruntime cannot load (a qdq bug, never a file to ship)."""
+    from qdq.session import make_session
+
+    try:
+        make_session(final, level="none", arena=False, label="quantized model")
+    except ModelError as exc:
+        raise ModelError(f"internal error: the quantized model does not load in onnxruntime ({first_line(exc)}); "
+                         "nothing was written; please report it with the model and --debug output") from exc
 
 
 def _first_samples(batches: Any, quantizer: Quantizer, count: int) -> list[dict[str, Any]]:

@@ -190,7 +190,9 @@ class QuantizedActivation:
 
 
 def find_quantized_activations(model: onnx.ModelProto) -> list[QuantizedActivation]:
-    """QuantizeLinear nodes whose input is not an initializer/Constant and that feed a DequantizeLinear."""
+    """QuantizeLinear nodes whose input is not an initializer/Constant and that feed a DequantizeLinear, and the
+    float8 pairs a finalized model computes as casts (found as the pairs they replaced, under the same names)."""
+    model = restored_fp8_pairs(model)
     graph = model.graph
     constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" and n.domain in _QDQ_DOMAINS for o in n.output}
@@ -218,6 +220,19 @@ def find_quantized_activations(model: onnx.ModelProto) -> list[QuantizedActivati
             probe.attribute.extend(attrs)
             found.append(QuantizedActivation(reference, out, name, probe))
     return found
+
+
+def restored_fp8_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with float8 activations written as casts turned back into Q -> DQ pairs (a copy), or ``model``
+    itself when it has none (:func:`qdq.passes.fp8_activations_as_casts.restore_fp8_pairs`)."""
+    fp8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2)
+    if not any(n.op_type == "Cast" and any(a.name == "to" and a.i in fp8 for a in n.attribute)
+               for n in model.graph.node):
+        return model
+    from qdq.passes.fp8_activations_as_casts import restore_fp8_pairs
+
+    copy = ir.from_proto(model)
+    return ir.to_proto(copy) if restore_fp8_pairs(copy) else model
 
 
 #: Integer kernels that read a QuantizeLinear output directly (qdq's onnxruntime finalize makes them).

@@ -276,6 +276,28 @@ def test_backend_limit_fails_before_calibration(capfd, tmp_path: Path) -> None:
     assert "nan" not in line.lower()
 
 
+@pytest.mark.parametrize("backend", ["coreml", "coreai"])
+def test_float16_model_for_core_ml_fails_before_calibration(capfd, tmp_path: Path, backend: str) -> None:
+    """Core ML / Core AI lower float32 models: a float16 one gets one line naming the backend and the float16
+    tensors, before calibration (the NaN in the data is never read), not a torch dtype error after it."""
+    from onnx import TensorProto, numpy_helper
+
+    model = conv_model()
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    save_model(model, tmp_path / "half.onnx")
+    data = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float16)
+    data[-1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    out = tmp_path / ("q.mlpackage" if backend == "coreml" else "q.aimodel")
+    line = assert_cli_error(capfd, tmp_path, ["quantize", str(tmp_path / "half.onnx"), "-o", str(out), "--calib-data",
+                                              str(tmp_path / "nan.npy"), "--backend", backend],
+                            code=1, words=[backend, "float16", "float32", "pixels"], output=out)
+    assert "nan" not in line.lower()
+
+
 # ----------------------------------------------------------------------------- signals (subprocess)
 
 #: Runs the real CLI and creates MARKER when the 20th calibration file is opened, so the signal arrives

@@ -392,3 +392,59 @@ def test_prepared_fp8_model_runs_right_at_the_default_level(digits_onnx, digits_
     exact = compare(digits_onnx, prepared, x_te[:128], progress=False, optimization="none").outputs[0]
     assert default.sqnr_db == pytest.approx(exact.sqnr_db, abs=0.2) and default.sqnr_db > 15
     assert default.top1_agreement is not None and default.top1_agreement > 0.95
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2])
+def test_fp8_cast_form_of_a_float16_tensor_equals_onnxruntime_qdq(dtype: int) -> None:
+    """A float16 activation's float8 Q->DQ pair becomes casts computed in float32 and cast back: a model
+    onnxruntime loads (the float32 form bound Mul to float and float16) and, bit for bit, the pair it replaced
+    (onnxruntime divides float16 inputs in float32); saturation included."""
+    from qdq.passes.fp8_activations_as_casts import Fp8ActivationsAsCastsPass
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Relu", ["d"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N"])],
+                              [numpy_helper.from_array(np.array(0.0123, np.float16), "s"),
+                               helper.make_tensor("z", dtype, [], [0])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.random.default_rng(0).normal(0, 3, 20000).astype(np.float16)  # |x / s| up to ~1000: saturates
+    model = ir.serde.deserialize_model(proto)
+    assert Fp8ActivationsAsCastsPass()(model).modified
+    assert not _nodes(model, "QuantizeLinear") and _nodes(model, "Cast")
+    (want,) = _run(ir.serde.deserialize_model(proto), {"x": x})
+    (got,) = _run(model, {"x": x})
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want)
+    from qdq.passes.fp8_activations_as_casts import restore_fp8_pairs
+
+    assert restore_fp8_pairs(model) == 1  # the analysis view (qdq report): the pair again, casts gone
+    assert [n.op_type for n in model.graph] == ["QuantizeLinear", "DequantizeLinear", "Relu"]
+    (back,) = _run(model, {"x": x})
+    np.testing.assert_array_equal(back, want)
+
+
+def test_fp8_preset_on_a_float16_model_loads_and_matches_the_prepared_model() -> None:
+    from qdq.metrics import sqnr_db
+    from qdq.session import make_session
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float16), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float16), "b"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float16), "w2")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4, 8, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float16)
+    q = Quantizer(proto, "fp8")
+    q.prepare()
+    q.calibrate([x[:8], x[8:]], progress=False)
+    prepared = make_session(q.qdq_model(), level="none").run(None, {"x": x})[0]
+    final = make_session(q.finalize(), level="all").run(None, {"x": x})[0]
+    assert final.dtype == np.float16
+    # onnxruntime rounds a float16 Conv's output differently next to casts; the float8 steps are the same
+    assert sqnr_db(prepared.astype(np.float32), final.astype(np.float32)) > 35

@@ -233,3 +233,62 @@ def test_weight_only_config_collects_channel_means_only_with_data(digits_onnx, d
     corrected, plain = biases(with_data), biases(without)
     assert corrected.keys() == plain.keys() and corrected
     assert any(not np.array_equal(corrected[k], plain[k]) for k in corrected)
+
+
+def _untyped_index_math_model():
+    """torch.chunk as the legacy exporter writes it: the split point is int64 arithmetic on Shape with untyped
+    Constant nodes (no value_info), next to a float Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    i64 = lambda name, v: helper.make_node(
+        "Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64)))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Shape", ["r"], ["shape"]), i64("axis", [1]), i64("zero", [0]), i64("two", [2]),
+             i64("one", [1]), helper.make_node("Gather", ["shape", "axis"], ["ch"]),
+             helper.make_node("Div", ["ch", "two"], ["half"]), helper.make_node("Mul", ["half", "one"], ["mid"]),
+             helper.make_node("Slice", ["r", "zero", "mid", "axis"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "chunk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.normal(0, 0.3, (2, 4, 1, 1)).astype(np.float32), "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_untyped_int64_index_math_is_never_quantized(tmp_path) -> None:
+    """Untyped values get onnx's inferred type before planning: the int64 Div/Mul feeding Slice stay as they are
+    and the written model loads and runs (it used to get int64 QuantizeLinear nodes onnxruntime refuses)."""
+    from qdq.metrics import sqnr_db
+    from qdq.session import make_session
+
+    proto = _untyped_index_math_model()
+    q = Quantizer(proto, "int8")
+    planned = {t.tensor for t in q.plan.targets.values()}
+    assert not planned & {"ch", "half", "mid", "one", "two"}, planned
+    assert {"r", "a"} <= planned  # the float activations still are
+    x = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    qdq.quantize(proto, "int8", [x], output=tmp_path / "q.onnx", progress=False)
+    got = make_session(tmp_path / "q.onnx").run(None, {"x": x})[0]
+    want = make_session(proto).run(None, {"x": x})[0]
+    assert got.shape == want.shape == (8, 2, 8, 8)
+    assert sqnr_db(want, got) > 25
+
+
+def test_a_model_onnxruntime_cannot_load_is_never_written(tmp_path, monkeypatch, digits_onnx, digits_data) -> None:
+    """The last check before writing: an onnxruntime model that does not load (a qdq bug) is an error, and no
+    file appears."""
+    import onnx_ir as ir
+
+    real = Quantizer.finalize
+
+    def broken(self, *args, **kwargs):
+        model = real(self, *args, **kwargs)
+        model.graph.append(ir.node("NoSuchOp", [model.graph.inputs[0]]))  # an op onnxruntime does not know
+        return model
+
+    monkeypatch.setattr(Quantizer, "finalize", broken)
+    x = digits_data[0][:32]
+    with pytest.raises(ModelError, match="does not load in onnxruntime.*nothing was written"):
+        qdq.quantize(digits_onnx, "int8", [x], output=tmp_path / "q.onnx", progress=False)
+    assert not (tmp_path / "q.onnx").exists()

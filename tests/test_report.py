@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import qdq
@@ -57,6 +58,33 @@ def test_a_layer_quantized_alone_has_no_isolated_error_elsewhere(digits_onnx, di
     assert [r.name for r in report.layers] == [convs[-1]]
     r = report.layers[0]
     assert r.isolated_db == pytest.approx(r.accumulated_db, abs=1e-6) and np.isfinite(r.isolated_db)
+
+
+def test_fp8_model_finalized_as_casts_is_reported_like_its_qdq_pairs(digits_onnx, digits_data, tmp_path: Path) -> None:
+    """A finalized fp8 model computes its float8 activations as Div/Cast/Cast/Mul (no DequantizeLinear): report and
+    per-layer compare analyse them as the pairs they replaced, with the numbers of the prepared QDQ model."""
+    from qdq.quantizer import Quantizer
+    from qdq.validate import compare
+
+    x_tr, _, x_te, _ = digits_data
+    q = Quantizer(digits_onnx, "fp8")
+    q.prepare()
+    q.calibrate([x_tr[:256]], progress=False)
+    final, prepared = tmp_path / "fp8.onnx", tmp_path / "fp8.prepared.onnx"
+    qdq.save(q.finalize(), final)
+    qdq.save(q.qdq_model(), prepared)
+    assert "DequantizeLinear" not in {n.op_type for n in onnx.load(final).graph.node if n.input[0] not in
+                                      {i.name for i in onnx.load(final).graph.initializer}}
+    report = build_report(digits_onnx, final, x_te[:64], progress=False)
+    want = build_report(digits_onnx, prepared, x_te[:64], progress=False)
+    assert [r.name for r in report.layers] == [r.name for r in want.layers] and len(report.layers) >= 4
+    for got, ref in zip(report.layers, want.layers):
+        assert got.isolated_db == pytest.approx(ref.isolated_db, abs=1e-6)
+        assert got.accumulated_db == pytest.approx(ref.accumulated_db, abs=1e-6)
+    layers = compare(digits_onnx, final, x_te[:64], per_layer=True, progress=False).layers
+    ref_layers = compare(digits_onnx, prepared, x_te[:64], per_layer=True, progress=False).layers
+    assert [m.name for m in layers] == [m.name for m in ref_layers] and layers
+    assert [m.sqnr_db for m in layers] == pytest.approx([m.sqnr_db for m in ref_layers], abs=1e-6)
 
 
 def test_transformer_layers_through_fused_kernels_and_smoothquant(attention_onnx, tmp_path: Path) -> None:

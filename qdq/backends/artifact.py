@@ -98,12 +98,35 @@ def check_suffix(path: str | os.PathLike[str], backend: Any) -> None:
     raise ConfigError(f"{path}: a {backend.value} model is saved as *{want}{hint}; name the output model{want}")
 
 
-def check_backend_plan(plan: QuantPlan, backend: Any, options: BackendOptions | None = None) -> None:
-    """Before calibration: every planned spec must convert for ``backend`` with ``options`` (BackendError if not)."""
+def check_backend_plan(plan: QuantPlan, backend: Any, options: BackendOptions | None = None, *,
+                       model: ir.Model | None = None) -> None:
+    """Before calibration: every planned spec must convert for ``backend`` with ``options``, and ``model`` (the
+    float model, when given) must be one it lowers (BackendError if not)."""
     backend = ExportBackend.parse(backend)
     check_plan(plan, backend)  # the capability table (data) first, then the option-dependent rules
     if backend in _MODULES:
+        if model is not None:
+            check_float32(model, backend)
         backend_module(backend).legalize_plan(plan, options or BackendOptions())
+
+
+_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def check_float32(model: ir.Model, backend: Any) -> None:
+    """Core ML / Core AI lower float32 models (their own ``compute_precision`` makes float16 compute): a model with
+    float16 / bfloat16 inputs, outputs or weights gets one line saying so (BackendError)."""
+    backend = ExportBackend.parse(backend)
+    graph = model.graph
+    half = [v.name or "" for v in (*graph.inputs, *graph.outputs) if v.dtype in _HALF]
+    half += [v.name or "" for v in graph.initializers.values()
+             if v.const_value is not None and v.const_value.dtype in _HALF]
+    if half:
+        hint = (" (the Core ML model computes in float16 with --compute-precision float16)"
+                if backend is ExportBackend.CoreML else "")
+        raise BackendError(
+            f"{backend.value} lowers float32 models, and this one has float16/bfloat16 tensors ({', '.join(half[:3])}"
+            f"{', ...' if len(half) > 3 else ''}): export the model in float32{hint}")
 
 
 @dataclasses.dataclass
@@ -178,6 +201,7 @@ def finalize_for_backend(model: Any, backend: Any, options: BackendOptions | Non
     module = backend_module(backend)
     options = options or BackendOptions()
     prepared = load_model(model).clone()
+    check_float32(prepared, backend)
     notes = list(module.legalize(prepared, options))
     FoldActivationClipPass(move=False)(prepared)
     lowered = lower(prepared, module.OPS, options, example_inputs=example_inputs)

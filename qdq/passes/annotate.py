@@ -44,6 +44,7 @@ import onnx_ir as ir
 from qdq.config import ModuleQuantizerConfig, QuantizerConfig
 from qdq.dtypes import QDType
 from qdq.errors import ConfigError
+from qdq.graph.types import fill_missing_dtypes
 from qdq.layout import QLayout, resolve_layout
 from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type, port_name
 from qdq.passes.value_ranges import ValueFacts
@@ -237,7 +238,11 @@ class _PlanBuilder:
 
 
 def annotate(model: ir.Model, config: QuantizerConfig) -> QuantPlan:
-    """Compute the QuantPlan for ``model`` under ``config`` (one walk over the nodes)."""
+    """Compute the QuantPlan for ``model`` under ``config`` (one walk over the nodes).
+
+    Untyped values get their inferred element type first (:func:`qdq.graph.types.fill_missing_dtypes`), so
+    int64 index math the file leaves untyped is not mistaken for float."""
+    fill_missing_dtypes(model)
     graph = model.graph
     resolver = _ConfigResolver(config, graph)
     configs: dict[int, ModuleQuantizerConfig | None] = {}

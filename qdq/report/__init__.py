@@ -107,12 +107,13 @@ def _batches(data: Any, batch_size: int) -> Iterable[Any]:
 def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = None, batch_size: int = 32,
                  progress: bool = True, profile_runs: int = 5) -> Report:
     """Measure ``quant_model`` against ``fp32_model`` on ``data`` (a DataSource, an array or a list of batches)."""
-    from qdq.validate import compare
+    from qdq.validate import compare, restored_fp8_pairs
 
     if not isinstance(data, (DataSource, np.ndarray, dict)) and iter(data) is data:
         data = list(data)  # read three times: metrics, layers, profile
     fp_proto, q_proto = _load(fp32_model, "FP32"), _load(quant_model, "quantized")
     summary = compare(fp32_model, quant_model, data, labels=labels, batch_size=batch_size, progress=progress)
+    q_proto = restored_fp8_pairs(q_proto)  # float8 activations finalized as casts: analysed as the Q/DQ pairs
     plan = plan_layers(_same_opset(fp_proto, q_proto), q_proto)
     if not plan.layers:
         raise ModelError("the quantized model has no quantized layer (no node reads a DequantizeLinear); "
