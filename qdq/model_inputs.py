@@ -158,16 +158,16 @@ class ModelInputs(Sequence[InputSpec]):
         self.check_array(name, arr.dtype, arr.shape, where)
         want = spec.dtype
         if arr.dtype == want:
-            return np.ascontiguousarray(arr)
+            return np.asarray(arr, order="C")  # (np.ascontiguousarray makes a scalar 1-d)
         if spec.kind == "float":
             if want.name == "bfloat16" and _kind(arr.dtype) != "f":
                 arr = arr.astype(np.float32)  # ml_dtypes casts bfloat16 from floats only
-            return np.ascontiguousarray(arr.astype(want))
+            return np.asarray(arr.astype(want), order="C")
         if spec.kind == "bool":
             if arr.dtype.kind != "b" and arr.size and not np.isin(arr, (0, 1)).all():
                 raise DataError(f"{where}: input '{name}' is a bool mask but the data ({arr.dtype}) holds values "
                                 "other than 0/1; save the mask as bool or 0/1")
-            return np.ascontiguousarray(arr.astype(bool))
+            return np.asarray(arr.astype(bool), order="C")
         # integer input: ids, masks, positions
         if _kind(arr.dtype) == "f":
             arr = arr.astype(np.float64) if arr.dtype.kind != "f" else arr
@@ -182,7 +182,7 @@ class ModelInputs(Sequence[InputSpec]):
             if lo < info.min or hi > info.max:
                 raise DataError(f"{where}: input '{name}' ({spec.describe()}) got values in [{lo}, {hi}], outside "
                                 f"{want.name}; check the data")
-        return np.ascontiguousarray(arr.astype(want))
+        return np.asarray(arr.astype(want), order="C")
 
     def feeds(self, batch: Any, where: str = "the batch") -> dict[str, np.ndarray]:
         """Normalise a batch (array, tuple/list in input order, dict by name, torch tensors) to checked feeds.

@@ -214,16 +214,16 @@ class Quantizer:
     def _feed_stream(self, batches: Any) -> Any:
         """A callable returning a fresh iterator of feeds dicts from ``batches`` (a list of batches, a one-shot
         iterator, read once into a list as each algorithm streams the data again, or such a callable)."""
-        from qdq.calibration.runner import as_feeds
+        from qdq.model_inputs import model_inputs
 
         if not callable(batches):
             data = list(batches) if iter(batches) is batches else batches
             batches = lambda: iter(data)
-        names = self.input_names
+        inputs = model_inputs(self.float_model)
 
-        def feeds() -> Any:
-            for batch in batches():
-                yield as_feeds(batch, names)
+        def feeds() -> Any:  # checked and in the model's dtypes (float16 inputs get float16 arrays)
+            for i, batch in enumerate(batches()):
+                yield inputs.feeds(batch, f"calibration batch {i}")
         return feeds
 
     def apply_calibrated_algorithms(self, batches: Any) -> list[str]:

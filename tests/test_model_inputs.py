@@ -289,3 +289,35 @@ def test_bfloat16_input_is_fed_as_bfloat16() -> None:
     lo, hi = float(q._calculators["xf"].min_val), float(q._calculators["xf"].max_val)
     assert (lo, hi) == (float(xf.min()), float(xf.max()))
     assert q.prepared is not None and q.prepared(x[:3]).shape == (3, 4)
+
+
+def _with_temperature() -> onnx.ModelProto:
+    """y = (x @ W) / temp with a rank-0 float input ``temp``: one value for the whole run."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (16, 8)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Div", ["h", "temp"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                                    helper.make_tensor_value_info("temp", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_rank0_input_takes_one_value_for_every_batch(tmp_path: Path, save) -> None:
+    """A scalar model input: a 0-d value in the data file (mapped or compressed) goes with every batch, in memory a
+    0-d array stays 0-d, and a per-sample array gets one line saying what to save."""
+    model = _save(_with_temperature(), tmp_path / "temp.onnx")
+    x = np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32)
+    save(tmp_path / "calib.npz", x=x, temp=np.float32(2.5))
+    source = open_data(tmp_path / "calib.npz", model_inputs(onnx.load(model)))
+    assert len(source) == 10
+    batches = list(source.batches(4))
+    assert [b["x"].shape[0] for b in batches] == [4, 4, 2]
+    assert all(b["temp"].shape == () and b["temp"] == np.float32(2.5) for b in batches)
+    out = tmp_path / "q.onnx"
+    qdq.quantize(model, "int8", tmp_path / "calib.npz", output=out, progress=False)
+    report = qdq.compare(model, out, tmp_path / "calib.npz", progress=False, batch_size=3)
+    assert report.num_samples == 10 and report.outputs[0].sqnr_db > 30
+    assert model_inputs(onnx.load(model)).feeds({"x": x, "temp": np.float32(2.5)})["temp"].shape == ()
+    save(tmp_path / "per_sample.npz", x=x, temp=np.full(10, 2.5, np.float32))
+    with pytest.raises(DataError, match=r"'temp' is a scalar \(rank 0\).*save one 0-d value"):
+        open_data(tmp_path / "per_sample.npz", model_inputs(onnx.load(model)))

@@ -149,3 +149,23 @@ def test_config_yaml_cli_and_errors(tmp_path: Path) -> None:
                  "--algorithm", "smoothquant:alpha=0.5", "--quiet"]) == 0
     assert main(["quantize", str(path), "-o", str(tmp_path / "q2.onnx"), "--calib-data", str(tmp_path / "calib.npy"),
                  "--algorithm", "smooth", "--quiet"]) == 2
+
+
+def test_float16_model_gets_float16_batches(tmp_path: Path) -> None:
+    """Algorithms run on the model's own input dtypes: a float16 block calibrated with float32 arrays (converted
+    as calibration converts them) is smoothed and quantized, not refused by onnxruntime as float32 input."""
+    from onnx import numpy_helper as nh
+
+    proto = onnx.load(_block(tmp_path / "fp32.onnx", residual=False))
+    for init in proto.graph.initializer:
+        init.CopyFrom(nh.from_array(nh.to_array(init).astype(np.float16), init.name))
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(proto, tmp_path / "fp16.onnx")
+    data = _data()
+    out = tmp_path / "q.onnx"
+    qdq.quantize(tmp_path / "fp16.onnx", "int8-smoothquant", data, output=out, progress=False)
+    x = data[0].astype(np.float16)
+    ref, got = _run(tmp_path / "fp16.onnx", x)[0], _run(out, x)[0]
+    assert got.dtype == np.float16
+    assert _sqnr(ref.astype(np.float32), got.astype(np.float32)) > 25

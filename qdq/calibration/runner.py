@@ -51,7 +51,7 @@ def as_feeds(batch: Any, input_names: Sequence[str]) -> dict[str, np.ndarray]:
         x = np.asarray(x)
         if x.dtype.kind == "f" and x.dtype != np.float32:
             x = x.astype(np.float32)
-        feeds[name] = np.ascontiguousarray(x)
+        feeds[name] = np.asarray(x, order="C")
     return feeds
 
 

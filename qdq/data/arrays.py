@@ -65,6 +65,23 @@ class SingleSample:
         return self.inner.read(0, self.inner.shape[0])[None]
 
 
+class ScalarInput:
+    """The one value of a rank-0 model input (a temperature, a threshold): fed unchanged with every batch."""
+
+    def __init__(self, inner: Array) -> None:
+        self.inner = inner
+        self.shape: tuple[int, ...] = ()
+        self.dtype = inner.dtype
+        self._value: np.ndarray | None = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._value is None:
+            inner = self.inner
+            raw = np.array(inner.array) if isinstance(inner, MappedArray) else inner.read(0, 1)
+            self._value = np.asarray(raw).reshape(())
+        return self._value
+
+
 class ZipStreamArray:
     """A compressed ``.npz`` member decompressed front to back as sample ranges are requested.
 

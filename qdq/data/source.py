@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdq.data.arrays import ARRAY_SUFFIXES, Array, MappedArray, SingleSample, open_arrays
+from qdq.data.arrays import ARRAY_SUFFIXES, Array, MappedArray, ScalarInput, SingleSample, open_arrays
 from qdq.data.images import IMAGE_SUFFIXES, ImageArray, InputShape, list_files, per_channel, target_size
 from qdq.data.text import TEXT_SUFFIXES
 from qdq.errors import ConfigError, DataError
@@ -47,6 +47,11 @@ def _is_single_sample(name: str, shape: tuple[int, ...], model_shape: InputShape
             raise DataError(f"{label}: input '{name}' is a scalar; save arrays with a leading sample axis")
         return False
     rank = len(model_shape)
+    if rank == 0:
+        if shape:
+            raise DataError(f"{label}: model input '{name}' is a scalar (rank 0), one value for every run, but the "
+                            f"file has an array {fmt_shape(shape)}; save one 0-d value for it")
+        return True
     if len(shape) == rank:
         return False
     if len(shape) == rank - 1 and shape:
@@ -107,10 +112,10 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
             samples[name] = shape if single else shape[1:]
             if signature is not None:
                 signature.check_array(name, member.dtype, samples[name] if single else shape, str(path),
-                                      batched=not single)
+                                      batched=not single or not shape)
             else:
                 _check_sample_shape(name, samples[name], shapes.get(name), str(path))
-            if name in names:
+            if name in names and shape:  # a scalar input's one value goes with every batch: no sample count
                 counts[name] = 1 if single else shape[0]
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
@@ -119,9 +124,10 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
     @contextmanager
     def opener() -> Iterator[dict[str, Array]]:
         with open_arrays(path) as arrays:
-            yield {n: SingleSample(arrays[keys[n]]) if singles[n] else arrays[keys[n]] for n in keys}
+            yield {n: (ScalarInput(arrays[keys[n]]) if not samples[n] and singles[n] else
+                       SingleSample(arrays[keys[n]]) if singles[n] else arrays[keys[n]]) for n in keys}
 
-    return _Chunk(path, counts[names[0]], opener), samples
+    return _Chunk(path, next(iter(counts.values()), 1), opener), samples
 
 
 def _text_chunk(path: Path, names: Sequence[str], tokenizer: str | Path | None, seq_len: int | None,
@@ -236,7 +242,8 @@ class DataSource:
 def _concat(pieces: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if len(pieces) == 1:
         return dict(pieces[0])
-    return {n: np.concatenate([p[n] for p in pieces], axis=0) for n in pieces[0]}
+    return {n: np.concatenate([p[n] for p in pieces], axis=0) if pieces[0][n].ndim else pieces[0][n]
+            for n in pieces[0]}
 
 
 def open_data(
