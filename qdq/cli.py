@@ -358,10 +358,11 @@ def _configure_output(quiet: bool, debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
     if quiet and not debug:
         warnings.simplefilter("ignore")
+    if not debug:  # qdq reports onnxruntime's errors itself, as one line; its own log would repeat them
         with contextlib.suppress(Exception):
             import onnxruntime as ort
 
-            ort.set_default_logger_severity(3)
+            ort.set_default_logger_severity(3 if not quiet else 4)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

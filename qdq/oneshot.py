@@ -196,20 +196,26 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
         logger.warning("%s legalization: %s", backend.value, note)
     if output is not None:
         if not torch_backend:
-            _check_loads(final)
+            _check_loads(final, quantizer.float_model)
         save(final, output)
         if fallback is not None:
             write_text(Path(output).with_suffix(".fallback.yaml"), _fallback_yaml(fallback))
     return final
 
 
-def _check_loads(final: Any) -> None:
-    """Refuse to write an onnxruntime model onnxruntime cannot load (a qdq bug, never a file to ship)."""
+def _check_loads(final: Any, original: Any) -> None:
+    """Refuse to write an onnxruntime model onnxruntime cannot load: the input model's fault when that does not load
+    either, else a qdq bug (never a file to ship)."""
     from qdq.session import make_session
 
     try:
         make_session(final, level="none", arena=False, label="quantized model")
     except ModelError as exc:
+        try:
+            make_session(original, level="none", arena=False, label="FP32 model")
+        except ModelError as first:
+            raise ModelError(f"the FP32 model does not load in onnxruntime either ({first_line(first)}); qdq "
+                             "quantizes models onnxruntime runs: fix or re-export it; nothing was written") from first
         raise ModelError(f"internal error: the quantized model does not load in onnxruntime ({first_line(exc)}); "
                          "nothing was written; please report it with the model and --debug output") from exc
 

@@ -256,3 +256,57 @@ def test_qat_export_reaches_the_lowering(digits_onnx: Path, digits_data, tmp_pat
     w = np.abs(qat._quantizer.float_model.graph.initializers["fc.weight"].const_value.numpy()).sum(axis=1).max()
     step = float(np.max(qat.qparams[gemm_in.key].scale)) * float(w)
     assert np.abs(got - want).max() <= 1.01 * step and np.mean(np.abs(got - want) <= 1e-4) >= 0.95
+
+
+class _Upsampler(torch.nn.Module):
+    """A decoder step: nearest x2 and bilinear x2 upsampling (torch exports both as Resize) between convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        y = torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+        y = self.b(y)
+        return torch.nn.functional.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def test_resize_lowers_and_runs_like_onnxruntime(tmp_path: Path) -> None:
+    """Resize (nearest asymmetric/floor and bilinear half-pixel, as torch exports them) goes through the mirror
+    to a Core AI program whose runtime output matches the prepared model in onnxruntime."""
+    from qdq.torch_export import export
+
+    torch.manual_seed(SEED)
+    x = torch.randn(16, 3, 8, 8)
+    path = export(_Upsampler().eval(), (x[:2],), tmp_path / "up.onnx")
+    q = _calibrated(path, "int8", [x.numpy()])
+    saved = qdq.save(q.finalize(backend=ExportBackend.CoreAI), tmp_path / "up.aimodel")
+    session = make_session(q.qdq_model(), level="none")
+    ref = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with CoreAIRuntime(saved) as rt:
+        got = rt.run(x.numpy())[0]
+    assert got.shape == ref.shape == (16, 4, 32, 32)
+    step = float(np.abs(ref).max()) / 127  # about one step of the quantized output
+    assert np.mean(np.abs(got - ref) <= 1.01 * step) >= 0.99, float(np.abs(got - ref).max())
+
+
+def test_op_without_torch_implementation_refused_before_calibration() -> None:
+    """Core ML / Core AI lower through the mirror's op table: a CumSum is named (with the fix) at planning time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qdq.backends.artifact import check_backend_plan
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("CumSum", ["c", "axis"], ["y"], name="running_total")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"),
+         numpy_helper.from_array(np.array(3, np.int64), "axis")])
+    q = Quantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "int8")
+    for backend in (ExportBackend.CoreAI, ExportBackend.CoreML):
+        with pytest.raises(BackendError, match=r"no torch implementation of CumSum \('running_total'\).*onnxruntime"):
+            check_backend_plan(q.plan, backend, model=q.float_model)
+    check_backend_plan(q.plan, ExportBackend.ONNXRuntime, model=q.float_model)  # onnxruntime runs any op

@@ -78,6 +78,7 @@ def test_fp8_model_finalized_as_casts_is_reported_like_its_qdq_pairs(digits_onnx
     report = build_report(digits_onnx, final, x_te[:64], progress=False)
     want = build_report(digits_onnx, prepared, x_te[:64], progress=False)
     assert [r.name for r in report.layers] == [r.name for r in want.layers] and len(report.layers) >= 4
+    assert report.skipped == want.skipped == []  # the quantized graph output's layer too (metadata stripped)
     for got, ref in zip(report.layers, want.layers):
         assert got.isolated_db == pytest.approx(ref.isolated_db, abs=1e-6)
         assert got.accumulated_db == pytest.approx(ref.accumulated_db, abs=1e-6)
@@ -146,3 +147,53 @@ def test_report_page_opens_in_headless_chromium(digits_report, tmp_path: Path) -
     width = dom.split('data-plot-width="', 1)[1].split('"', 1)[0]
     assert int(width) > 200  # the PNG decoded (0 if broken)
     assert dom.count("<img") >= 2  # the plot and the histogram thumbnails
+
+
+@pytest.mark.parametrize("preset", ["int8", "fp8"])
+def test_a_layer_writing_the_graph_output_is_reported(tmp_path: Path, preset: str) -> None:
+    """The quantized graph output's float tensor is renamed and finalize strips the metadata naming it: the layer
+    is found through its output pair's DequantizeLinear (a one-Conv model used to have no layer at all)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")])
+    fp32 = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), fp32)
+    x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    qdq.quantize(fp32, preset, [x], output=out, progress=False)
+    report = build_report(fp32, out, x, progress=False)
+    assert [r.name for r in report.layers] == ["conv"] and report.skipped == []
+    assert 20 < report.layers[0].isolated_db < 60
+
+
+@pytest.mark.parametrize("weight_shape", [(16,), (2, 16, 4)])
+def test_matmul_with_a_vector_or_batched_weight(tmp_path: Path, weight_shape: tuple[int, ...]) -> None:
+    """A MatMul weight that is not 2-D gets one scale (per output column would run along the summed axis of a
+    vector, and onnxruntime's fused integer MatMul fails at run time on either); the model runs optimized, and
+    the report handles its 0-d output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qdq.session import make_session
+
+    rng = np.random.default_rng(0)
+    out_shape = [] if len(weight_shape) == 1 else [2, "N", 4]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 16] if out_shape else [16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, weight_shape).astype(np.float32), "b")])
+    fp32 = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), fp32)
+    x = rng.standard_normal((8, 16) if out_shape else (16,)).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    qdq.quantize(fp32, "int8", [x], output=out, progress=False)
+    scale = next(t for t in onnx.load(out).graph.initializer if t.name.startswith("b") and "scale" in t.name)
+    assert list(scale.dims) == []
+    got = make_session(out, level="all").run(None, {"a": x})[0]
+    want = make_session(fp32).run(None, {"a": x})[0]
+    assert got.shape == want.shape and np.allclose(got, want, atol=0.05 * float(np.abs(want).max()) + 1e-3)
+    report = build_report(fp32, out, [x], progress=False)
+    assert [r.name for r in report.layers] == ["mm"] and report.layers[0].isolated_db > 25

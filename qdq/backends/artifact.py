@@ -107,10 +107,31 @@ def check_backend_plan(plan: QuantPlan, backend: Any, options: BackendOptions | 
     if backend in _MODULES:
         if model is not None:
             check_float32(model, backend)
+            check_torch_ops(model, backend)
         backend_module(backend).legalize_plan(plan, options or BackendOptions())
 
 
 _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def check_torch_ops(model: ir.Model, backend: Any) -> None:
+    """Core ML / Core AI lower through the QAT mirror's torch op table: ops it has no implementation for are named
+    before calibration (BackendError), instead of failing the lowering after it."""
+    from qdq.qat import ops_compute, ops_elementwise, ops_shape  # noqa: F401  (register the built-in ops)
+    from qdq.qat.torch_ops import get_op
+
+    missing: dict[str, str] = {}
+    for node in model.graph:
+        if node.op_type in ("Constant", "QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+            continue
+        if get_op(node.op_type, node.domain) is None:
+            missing.setdefault(f"{node.domain + '::' if node.domain not in ('', 'ai.onnx') else ''}{node.op_type}",
+                               node.name or "")
+    if missing:
+        listed = ", ".join(f"{op} ('{name}')" for op, name in list(missing.items())[:5])
+        raise BackendError(f"{ExportBackend.parse(backend).value} lowering has no torch implementation of {listed}"
+                           f"{' and more' if len(missing) > 5 else ''}: quantize this model for onnxruntime, or "
+                           "register one with @qdq.qat.register_op")
 
 
 def check_float32(model: ir.Model, backend: Any) -> None:

@@ -33,6 +33,7 @@ Rules, in one place:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import re
@@ -49,7 +50,7 @@ from qdq.layout import QLayout, resolve_layout
 from qdq.ops import ACTIVATION_OPS, OP_TABLE, PASSTHROUGH_OPS, canonical_op_type, port_name
 from qdq.passes.value_ranges import ValueFacts
 from qdq.plan import QuantPlan, QuantTarget, TargetKind
-from qdq.spec import PerChannelGranularity, QScheme, QuantizationSpec
+from qdq.spec import PerChannelGranularity, PerTensorGranularity, QScheme, QuantizationSpec
 
 __all__ = ["KEEP_FLOAT", "annotate", "config_resolver", "unquantized_nodes"]
 
@@ -184,6 +185,13 @@ class _PlanBuilder:
             info = OP_TABLE[node.op_type]
             ch, bl = info.weight_axes(node) if kind == "weight" else ((0, 0) if port == "bias" else (None, None))
         rank = len(value.const_value.shape)  # type: ignore[union-attr]
+        granularity = spec.granularity
+        if (kind == "weight" and node.op_type == "MatMul" and rank != 2 and getattr(granularity, "axis", 0) is None
+                and not isinstance(granularity, PerTensorGranularity)):
+            # a vector or batched weight: the op's default axes are not its output channels (onnxruntime's integer
+            # MatMul takes a per-column scale of 2-D weights only); one scale, unless the config names an axis
+            logger.info("weight '%s' of MatMul '%s' has rank %d: quantized per tensor", value.name, node.name, rank)
+            spec = dataclasses.replace(spec, granularity=PerTensorGranularity())
         layout = resolve_layout(spec.granularity, rank, channel_axis=ch, block_axis=bl,
                                 what=f"{kind} '{value.name}' of node '{node.name}'")
         for t in self.by_tensor.get(value.name or "", []):

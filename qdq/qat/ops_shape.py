@@ -25,6 +25,7 @@ from qdq.qat.torch_ops import (
     _norm_axis,
     _torch_pad,
     register_op,
+    static_value,
 )
 
 __all__: list[str] = []  # registers ops with qdq.qat.torch_ops.register_op; nothing to import from here
@@ -300,5 +301,73 @@ def _range(node: ir.Node, ctx: CompileContext) -> OpFn:
     def run(ins: Tensors, state: Any) -> Sequence[torch.Tensor]:
         start, limit, delta = (t.reshape(()) for t in ins[:3])
         return (torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device),)
+
+    return run
+
+
+# --------------------------------------------------------------------------- Resize (the modes torch exports)
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _float_list(t: torch.Tensor | None) -> list[float] | None:
+    static = getattr(t, "qdq_static_value", None)
+    if static is not None:
+        return [float(v) for v in static]
+    return None if t is None or t.numel() == 0 else [float(v) for v in t.reshape(-1).tolist()]
+
+
+def _resize_mode(node: ir.Node) -> tuple[str, bool | None]:
+    """(torch interpolate mode, align_corners) for the Resize variants torch's own exports produce, else ModelError."""
+    attrs = node.attributes
+    mode = attrs.get_string("mode", "nearest")
+    coord = attrs.get_string("coordinate_transformation_mode", "half_pixel")
+    nearest = attrs.get_string("nearest_mode", "round_prefer_floor")
+    policy = attrs.get_string("keep_aspect_ratio_policy", "stretch")
+    if node.op_type == "Upsample":
+        coord, nearest = "asymmetric", "floor"
+    plain = (not attrs.get_int("antialias", 0) and not attrs.get_int("exclude_outside", 0) and policy == "stretch"
+             and "axes" not in attrs)
+    if plain and mode == "nearest" and coord == "asymmetric" and nearest == "floor":
+        return "nearest", None  # F.interpolate(mode="nearest"): src = floor(dst / scale)
+    if (plain and mode in ("linear", "cubic") and coord in ("half_pixel", "pytorch_half_pixel", "align_corners")
+            and (mode == "linear" or attrs.get_float("cubic_coeff_a", -0.75) == -0.75)):
+        return ("linear" if mode == "linear" else "bicubic"), coord == "align_corners"
+    raise ModelError(
+        f"Resize '{node.name}' (mode {mode}, coordinate_transformation_mode {coord}"
+        f"{', nearest_mode ' + nearest if mode == 'nearest' else ''}) has no torch implementation in the QAT mirror: "
+        "it runs nearest (asymmetric, floor), linear and cubic (half_pixel or align_corners), as torch exports them")
+
+
+@register_op("Resize", "Upsample")
+def _resize(node: ir.Node, ctx: CompileContext) -> OpFn:
+    mode, align = _resize_mode(node)
+    old = node.op_type == "Upsample" or ctx.opset < 11  # inputs (X, scales)
+    # constant scales / sizes are read now: torch.export then sees plain numbers, not data-dependent reads
+    fixed = [static_value(node.inputs[i]) if i < len(node.inputs) else None for i in ((1,) if old else (2, 3))]
+
+    def run(ins: Tensors, state: Any) -> Sequence[torch.Tensor]:
+        x = ins[0]
+        nd = x.dim() - 2
+        if fixed[0] is not None and fixed[0].size:
+            scales: list[float] | None = [float(v) for v in fixed[0].reshape(-1)]
+        else:
+            scales = _float_list(_input(ins, 1 if old else 2))
+        if old:
+            sizes = None
+        elif len(fixed) > 1 and fixed[1] is not None and fixed[1].size:
+            sizes = [int(v) for v in fixed[1].reshape(-1)]
+        else:
+            sizes = _int_list(_input(ins, 3))
+        torch_mode = _LINEAR_MODES.get(nd, "") if mode == "linear" else mode
+        if nd < 1 or not torch_mode or (mode == "bicubic" and nd != 2):
+            raise ModelError(f"Resize '{node.name}': {mode} on a rank-{x.dim()} tensor is not supported by the mirror")
+        kw: dict[str, Any] = {} if align is None else {"align_corners": align}
+        if sizes:
+            if list(sizes[:2]) != list(x.shape[:2]):
+                raise ModelError(f"Resize '{node.name}': only the spatial dims may change in the QAT mirror")
+            return (F.interpolate(x, size=[int(s) for s in sizes[2:]], mode=torch_mode, **kw),)
+        if not scales or scales[:2] != [1.0, 1.0]:
+            raise ModelError(f"Resize '{node.name}': scales {scales} must keep batch and channels in the QAT mirror")
+        return (F.interpolate(x, scale_factor=scales[2:], mode=torch_mode, **kw),)
 
     return run

@@ -292,6 +292,7 @@ def plan_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> LayerPlan:
     for n in fp32.graph.node:
         for x in n.input:
             fp_readers.setdefault(x, []).append(n)
+    graph_outputs = {o.name for o in quant.graph.output}
     layers: list[Layer] = []
     skipped: list[str] = []
     for i, node in enumerate(quant.graph.node):
@@ -306,6 +307,9 @@ def plan_layers(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> LayerPlan:
         if out not in fp_values:  # a quantized graph output: qdq renamed the float tensor, its Q records the name
             q = next((c for c in consumers.get(out, []) if c.op_type == "QuantizeLinear"), None)
             out = reference(q) if q is not None else out
+            if q is not None and out not in fp_values:  # finalized (metadata stripped): the pair's DQ has the name
+                dq = next((c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"), None)
+                out = dq.output[0] if dq is not None and dq.output[0] in graph_outputs else out
         if out not in fp_values:
             skipped.append(f"{name} (output {out} not in the FP32 model)")
             continue
