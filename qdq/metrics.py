@@ -150,6 +150,7 @@ def flip_probabilities(ref: np.ndarray, test: np.ndarray, *, max_errors: int = 2
         err = err[np.linspace(0, len(err) - 1, max_errors).round().astype(int)]
     labels = ref.argmax(-1)
     kept = np.empty(len(ref), np.float64)
+    chunk = max(1, min(chunk, (64 << 20) // max(err.nbytes, 1)))  # rows x errors x classes under 64 MB per step
     for i in range(0, len(ref), chunk):
         rows = ref[i:i + chunk, None, :] + err[None, :, :]  # [chunk, errors, classes]
         kept[i:i + chunk] = np.count_nonzero(rows.argmax(-1) == labels[i:i + chunk, None], axis=1)

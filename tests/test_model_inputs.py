@@ -321,3 +321,16 @@ def test_rank0_input_takes_one_value_for_every_batch(tmp_path: Path, save) -> No
     save(tmp_path / "per_sample.npz", x=x, temp=np.full(10, 2.5, np.float32))
     with pytest.raises(DataError, match=r"'temp' is a scalar \(rank 0\).*save one 0-d value"):
         open_data(tmp_path / "per_sample.npz", model_inputs(onnx.load(model)))
+
+
+def test_rank0_input_with_different_values_in_one_batch_is_refused(tmp_path: Path) -> None:
+    model = onnx.load(_save(_with_temperature(), tmp_path / "temp.onnx"))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    np.savez(folder / "a.npz", x=x, temp=np.float32(2.0))
+    np.savez(folder / "b.npz", x=x, temp=np.float32(100.0))
+    source = open_data(folder, model_inputs(model))
+    assert [b["temp"] for b in source.batches(3)] == [2.0, 100.0]  # a batch per file: each its own value
+    with pytest.raises(DataError, match=r"scalar input 'temp' has different values in the data files of one batch"):
+        list(source.batches(4))

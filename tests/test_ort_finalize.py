@@ -448,3 +448,25 @@ def test_fp8_preset_on_a_float16_model_loads_and_matches_the_prepared_model() ->
     assert final.dtype == np.float16
     # onnxruntime rounds a float16 Conv's output differently next to casts; the float8 steps are the same
     assert sqnr_db(prepared.astype(np.float32), final.astype(np.float32)) > 35
+
+
+def test_fp8_cast_form_keeps_every_reader_of_a_shared_pair() -> None:
+    """One float8 QuantizeLinear read by two DequantizeLinear nodes, both graph outputs: each output keeps its
+    name and value (the second one used to take the first one's name)."""
+    from qdq.passes.fp8_activations_as_casts import Fp8ActivationsAsCastsPass
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d1"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d2"]), helper.make_node("Relu", ["d2"], ["n"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N"]) for n in ("d1", "d2", "n")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])], outputs,
+                              [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                               helper.make_tensor("z", TensorProto.FLOAT8E4M3FN, [], [0])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.random.default_rng(0).normal(0, 3, 1000).astype(np.float32)
+    want = _run(ir.serde.deserialize_model(proto), {"x": x})
+    model = ir.serde.deserialize_model(proto)
+    assert Fp8ActivationsAsCastsPass()(model).modified
+    assert [o.name for o in model.graph.outputs] == ["d1", "d2", "n"] and not _nodes(model, "DequantizeLinear")
+    for a, b in zip(want, _run(model, {"x": x})):
+        np.testing.assert_array_equal(a, b)

@@ -292,3 +292,20 @@ def test_a_model_onnxruntime_cannot_load_is_never_written(tmp_path, monkeypatch,
     with pytest.raises(ModelError, match="does not load in onnxruntime.*nothing was written"):
         qdq.quantize(digits_onnx, "int8", [x], output=tmp_path / "q.onnx", progress=False)
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize(("name", "block"), [("int8", None), ("w4", 32)])
+def test_batched_matmul_weight_keeps_blocks_and_drops_per_channel(name: str, block: int | None) -> None:
+    """A [2, 64, 32] MatMul weight: int4 blocks along its input axis stay (onnxruntime runs them float); a
+    per-column int8 scale, which onnxruntime's fused integer MatMul cannot take for a batched weight, becomes one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(0, 0.3, (2, 64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, "N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "N", 32])],
+                              [numpy_helper.from_array(w, "w")])
+    q = Quantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), name)
+    (target,) = [t for t in q.plan.targets.values() if t.tensor == "w"]
+    assert target.layout.block_size == block
+    assert target.layout.axis == (1 if block else None)

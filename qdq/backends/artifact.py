@@ -141,7 +141,8 @@ def check_float32(model: ir.Model, backend: Any) -> None:
     graph = model.graph
     half = [v.name or "" for v in (*graph.inputs, *graph.outputs) if v.dtype in _HALF]
     half += [v.name or "" for v in graph.initializers.values()
-             if v.const_value is not None and v.const_value.dtype in _HALF]
+             if v.const_value is not None and v.const_value.dtype in _HALF
+             and any(u.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") for u in v.uses())]
     if half:
         hint = (" (the Core ML model computes in float16 with --compute-precision float16)"
                 if backend is ExportBackend.CoreML else "")

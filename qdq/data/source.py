@@ -242,6 +242,10 @@ class DataSource:
 def _concat(pieces: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if len(pieces) == 1:
         return dict(pieces[0])
+    for n, x in pieces[0].items():
+        if not x.ndim and any(not np.array_equal(p[n], x) for p in pieces[1:]):
+            raise DataError(f"scalar input '{n}' has different values in the data files of one batch ({x} and "
+                            f"others); give it one value in every file, or split the runs")
     return {n: np.concatenate([p[n] for p in pieces], axis=0) if pieces[0][n].ndim else pieces[0][n]
             for n in pieces[0]}
 

@@ -37,11 +37,11 @@ def fill_missing_dtypes(model: ir.Model) -> int:
     untyped = _untyped(model.graph)
     if not untyped:
         return 0
-    from onnx_ir.passes.common import _c_api_utils
-
     infer = functools.partial(onnx.shape_inference.infer_shapes, check_type=False, strict_mode=False,
                               data_prop=False)
     try:
+        from onnx_ir.passes.common import _c_api_utils  # strips large initializers around onnx's C API
+
         inferred = _c_api_utils.call_onnx_api(infer, model)
     except Exception as exc:  # noqa: BLE001 - inference is a best effort; planning copes with untyped values
         logger.debug("type inference failed (%s); untyped values are planned as float", exc)

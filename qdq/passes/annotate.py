@@ -186,10 +186,12 @@ class _PlanBuilder:
             ch, bl = info.weight_axes(node) if kind == "weight" else ((0, 0) if port == "bias" else (None, None))
         rank = len(value.const_value.shape)  # type: ignore[union-attr]
         granularity = spec.granularity
-        if (kind == "weight" and node.op_type == "MatMul" and rank != 2 and getattr(granularity, "axis", 0) is None
-                and not isinstance(granularity, PerTensorGranularity)):
-            # a vector or batched weight: the op's default axes are not its output channels (onnxruntime's integer
-            # MatMul takes a per-column scale of 2-D weights only); one scale, unless the config names an axis
+        if (kind == "weight" and node.op_type == "MatMul" and getattr(granularity, "axis", 0) is None
+                and (rank == 1 and not isinstance(granularity, PerTensorGranularity)
+                     or rank > 2 and isinstance(granularity, PerChannelGranularity))):
+            # a vector weight: the op's default axes are not its output channels; a batched one: onnxruntime's
+            # fused integer MatMul takes per-column scales of 2-D weights only (blocks of a batched weight stay,
+            # it runs them float). One scale, unless the config names an axis
             logger.info("weight '%s' of MatMul '%s' has rank %d: quantized per tensor", value.name, node.name, rank)
             spec = dataclasses.replace(spec, granularity=PerTensorGranularity())
         layout = resolve_layout(spec.granularity, rank, channel_axis=ch, block_axis=bl,

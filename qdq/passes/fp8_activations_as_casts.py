@@ -57,14 +57,20 @@ class Fp8ActivationsAsCastsPass(ir.passes.InPlacePass):
                 tail.append(ir.node("Cast", [mul.outputs[0]], attributes={"to": dtype}, name=f"{q.name}_narrow"))
             to_fp8.metadata_props.update(q.metadata_props)
             graph.insert_after(q, [*widen, div, to_fp8, back, *tail])
-            for dq in dqs:
+            new = tail[-1].outputs[0]
+            for k, dq in enumerate(dqs):
                 out = dq.outputs[0]
                 name = out.name
-                new = tail[-1].outputs[0]
-                new.dtype, new.shape = out.dtype or dtype, out.shape
-                out.replace_all_uses_with(new, replace_graph_outputs=True)
+                target = new
+                if k and out.is_graph_output():  # the value already carries the first reader's name: a copy
+                    copy = ir.node("Identity", [new], name=f"{q.name}_copy{k}")
+                    graph.insert_after(tail[-1], copy)
+                    target = copy.outputs[0]
+                target.dtype, target.shape = out.dtype or dtype, out.shape
+                out.replace_all_uses_with(target, replace_graph_outputs=True)
                 out.name = f"{name}_removed"
-                new.name = name
+                if k == 0 or target is not new:
+                    target.name = name
                 graph.remove(dq, safe=True)
             graph.remove(q, safe=True)
             modified = True

@@ -118,8 +118,8 @@ def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = 
         data = list(data)  # read three times: metrics, layers, profile
     fp_proto, q_proto = _load(fp32_model, "FP32"), _load(quant_model, "quantized")
     summary = compare(fp32_model, quant_model, data, labels=labels, batch_size=batch_size, progress=progress)
-    q_proto = restored_fp8_pairs(q_proto)  # float8 activations finalized as casts: analysed as the Q/DQ pairs
-    plan = plan_layers(_same_opset(fp_proto, q_proto), q_proto)
+    analysed = restored_fp8_pairs(q_proto)  # float8 activations finalized as casts: analysed as the Q/DQ pairs
+    plan = plan_layers(_same_opset(fp_proto, analysed), analysed)
     if not plan.layers:
         raise ModelError("the quantized model has no quantized layer (no node reads a DequantizeLinear); "
                          "pass a model written by qdq quantize")
