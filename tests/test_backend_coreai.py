@@ -310,3 +310,22 @@ def test_op_without_torch_implementation_refused_before_calibration() -> None:
         with pytest.raises(BackendError, match=r"no torch implementation of CumSum \('running_total'\).*onnxruntime"):
             check_backend_plan(q.plan, backend, model=q.float_model)
     check_backend_plan(q.plan, ExportBackend.ONNXRuntime, model=q.float_model)  # onnxruntime runs any op
+
+
+def test_op_attribute_the_mirror_does_not_run_refused_before_calibration() -> None:
+    """Compile-time refusals come at planning too: a half-pixel nearest Resize (torch never exports it) is named."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qdq.backends.artifact import check_backend_plan
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Resize", ["c", "", "s"], ["y"], mode="nearest", name="up")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 12, 12])],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"),
+         numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "s")])
+    q = Quantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "int8")
+    with pytest.raises(BackendError, match=r"coreai lowering: Resize 'up' \(mode nearest, coordinate_transformation_mode "
+                                           r"half_pixel.*onnxruntime"):
+        check_backend_plan(q.plan, ExportBackend.CoreAI, model=q.float_model)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from qdq.backends.capabilities import ExportBackend, check_plan
 from qdq.backends.lowering import DEPLOYMENT_TARGETS, BackendOptions, LegalizationNote, LoweredProgram
-from qdq.errors import BackendError, ConfigError
+from qdq.errors import BackendError, ConfigError, first_line
 from qdq.model_io import load_model
 from qdq.plan import QuantPlan
 
@@ -117,16 +117,25 @@ _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 def check_torch_ops(model: ir.Model, backend: Any) -> None:
     """Core ML / Core AI lower through the QAT mirror's torch op table: ops it has no implementation for are named
     before calibration (BackendError), instead of failing the lowering after it."""
+    from qdq.errors import ModelError
     from qdq.qat import ops_compute, ops_elementwise, ops_shape  # noqa: F401  (register the built-in ops)
-    from qdq.qat.torch_ops import get_op
+    from qdq.qat.torch_ops import CompileContext, get_op
 
+    ctx = CompileContext(opset=int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))))
     missing: dict[str, str] = {}
     for node in model.graph:
         if node.op_type in ("Constant", "QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
             continue
-        if get_op(node.op_type, node.domain) is None:
+        compiler = get_op(node.op_type, node.domain)
+        if compiler is None:
             missing.setdefault(f"{node.domain + '::' if node.domain not in ('', 'ai.onnx') else ''}{node.op_type}",
                                node.name or "")
+            continue
+        try:
+            compiler(node, ctx)  # compile-time refusals (an attribute the mirror does not run) come now
+        except ModelError as exc:
+            raise BackendError(f"{ExportBackend.parse(backend).value} lowering: {first_line(exc)}; quantize this "
+                               "model for onnxruntime") from exc
     if missing:
         listed = ", ".join(f"{op} ('{name}')" for op, name in list(missing.items())[:5])
         raise BackendError(f"{ExportBackend.parse(backend).value} lowering has no torch implementation of {listed}"
