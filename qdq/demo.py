@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qdq.metrics import agreement_interval, flip_probabilities, sqnr_db
+from qdq.metrics import agreement_estimate, sqnr_db
 from qdq.model_io import load_model
 from qdq.oneshot import quantize
 from qdq.progress import progress_bar
@@ -72,11 +72,9 @@ def ptq_rows(fp32_path: str | Path, calib: Callable[[], Iterable[np.ndarray]], e
                  progress=False)
         seconds = time.perf_counter() - t0
         logits = _logits(path, eval_x, batch_size)
-        flips = flip_probabilities(ref, logits)
         rows.append(PTQRow(name, float((logits.argmax(-1) == eval_y).mean() * 100),
                            float((logits.argmax(-1) == ref.argmax(-1)).mean() * 100), sqnr_db(ref, logits),
-                           path.stat().st_size / 1e6, seconds, 100.0 * (1.0 - float(flips.mean())),
-                           agreement_interval(flips)))
+                           path.stat().st_size / 1e6, seconds, *agreement_estimate(ref, logits)))
     return rows
 
 

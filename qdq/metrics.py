@@ -19,8 +19,8 @@ import numpy as np
 from qdq.errors import ModelError
 
 __all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "ScoreSample",
-           "Sqnr", "agreement_interval", "expected_agreement", "flip_probabilities", "neighbour_agreement", "sqnr_db",
-           "top1"]
+           "Sqnr", "agreement_estimate", "agreement_interval", "expected_agreement", "flip_probabilities",
+           "neighbour_agreement", "sqnr_db", "top1"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,32 +100,46 @@ class Cosine:
         return self.total / self.count if self.count else None
 
 
-class NeighbourAgreement:
+class _FirstRows:
+    """The first ``limit`` rows of an output from both models (rows x features floats each: per-sample results,
+    not activations), for metrics that need every row at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ref: list[np.ndarray] = []
+        self.test: list[np.ndarray] = []
+        self.count = 0
+
+    def keep(self, ref: np.ndarray, test: np.ndarray) -> None:
+        take = min(len(ref), self.limit - self.count)
+        if take > 0:
+            self.ref.append(np.asarray(ref[:take], np.float32))
+            self.test.append(np.asarray(test[:take], np.float32))
+            self.count += take
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.ref), np.concatenate(self.test)
+
+
+class NeighbourAgreement(_FirstRows):
     """For embedding outputs ([N, D] float, not class scores): the fraction of samples whose nearest other sample
     by cosine similarity is the same under the quantized model as under FP32 (retrieval behaviour kept).
 
     Keeps the first ``limit`` embeddings of each model (N x D floats: a retrieval index, not activations)."""
 
     def __init__(self, limit: int = 4096) -> None:
-        self.limit = limit
-        self.ref: list[np.ndarray] = []
-        self.test: list[np.ndarray] = []
-        self.count = 0
+        super().__init__(limit)
 
     def update(self, ref: np.ndarray, test: np.ndarray, samples: int) -> None:
         if ref.ndim != 2 or ref.shape[0] != samples or ref.shape[-1] < 2 or ref.dtype.kind != "f":
             return
-        take = min(samples, self.limit - self.count)
-        if take > 0:
-            self.ref.append(np.asarray(ref[:take], np.float32))
-            self.test.append(np.asarray(test[:take], np.float32))
-            self.count += take
+        self.keep(ref, test)
 
     @property
     def rate(self) -> float | None:
         if self.count < 3:
             return None
-        return neighbour_agreement(np.concatenate(self.ref), np.concatenate(self.test))
+        return neighbour_agreement(*self.rows())
 
 
 def _nearest(e: np.ndarray) -> np.ndarray:
@@ -188,30 +202,25 @@ def agreement_interval(flips: np.ndarray, level: float = 0.9) -> tuple[float, fl
     return 100.0 * (n - min(hi_flips, n)) / n, 100.0 * (n - lo_flips) / n
 
 
-class ScoreSample:
+def agreement_estimate(ref: np.ndarray, test: np.ndarray, level: float = 0.9) -> tuple[float, tuple[float, float]]:
+    """(:func:`expected_agreement`, :func:`agreement_interval`) from one :func:`flip_probabilities` pass, in %."""
+    flips = flip_probabilities(ref, test)
+    return 100.0 * (1.0 - float(np.mean(flips))), agreement_interval(flips, level)
+
+
+class ScoreSample(_FirstRows):
     """For class-score outputs: keeps the first ``limit`` FP32 and quantized rows, for
-    :func:`expected_agreement` and :func:`agreement_interval` at the end (``limit`` x classes floats each)."""
+    :func:`agreement_estimate` at the end (``limit`` x classes floats each)."""
 
     def __init__(self, limit: int = 1024) -> None:
-        self.limit = limit
-        self.ref: list[np.ndarray] = []
-        self.test: list[np.ndarray] = []
-        self.count = 0
+        super().__init__(limit)
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
-        take = min(len(ref), self.limit - self.count)
-        if take > 0:
-            self.ref.append(np.asarray(ref[:take], np.float32))
-            self.test.append(np.asarray(test[:take], np.float32))
-            self.count += take
+        self.keep(ref, test)
 
     def result(self, level: float = 0.9) -> tuple[float, tuple[float, float]] | None:
         """(expected agreement %, ``level`` interval of the counted one %) on the kept rows, or None if too few."""
-        if self.count < 2:
-            return None
-        ref, test = np.concatenate(self.ref), np.concatenate(self.test)
-        flips = flip_probabilities(ref, test)
-        return 100.0 * (1.0 - float(np.mean(flips))), agreement_interval(flips, level)
+        return agreement_estimate(*self.rows(), level) if self.count >= 2 else None
 
 
 class Counter:

@@ -307,6 +307,10 @@ class Chunk:
     real: int
     padded: int  #: samples in ``feeds`` (the model's batch, or ``real`` when nothing was padded)
 
+    def unpad(self, x: np.ndarray) -> np.ndarray:
+        """A run's tensor without the padding copies (when its dim 0 is the batch; a 0-d or unbatched one as is)."""
+        return x[:self.real] if self.real != self.padded and x.ndim and x.shape[0] == self.padded else x
+
 
 def iter_chunks(feeds: Mapping[str, np.ndarray], inputs: ModelInputs, step: int | None = None) -> Iterator[Chunk]:
     """Split ``feeds`` into runs of the model's static batch (or of ``step`` samples for a dynamic batch).

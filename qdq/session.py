@@ -176,9 +176,7 @@ def iter_batched(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     names = [o.name for o in session.get_outputs()] if fetch is None else list(fetch)
     for chunk in iter_chunks(feeds, inputs, step):
         outs = run(session, names, chunk.feeds, start=start + chunk.start)
-        if chunk.padded != chunk.real:
-            outs = [o[:chunk.real] if o.ndim and o.shape[0] == chunk.padded else o for o in outs]
-        yield chunk, outs
+        yield chunk, [chunk.unpad(o) for o in outs]
 
 
 def run_batched(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], inputs: ModelInputs,

@@ -43,7 +43,7 @@ from qdq.metrics import (
     sqnr_db,
     top1,
 )
-from qdq.model_inputs import ModelInputs, iter_chunks, model_inputs
+from qdq.model_inputs import Chunk, ModelInputs, iter_chunks, model_inputs
 from qdq.progress import progress_bar
 from qdq.session import DEFAULT_PROVIDERS, opt_level, run, run_batched
 from qdq.session import make_session as _make_session
@@ -363,11 +363,9 @@ class _Accumulators:
                       key=lambda m: m.sqnr_db)
 
 
-def _cut(outs: dict[str, np.ndarray], padded: int, real: int) -> dict[str, np.ndarray]:
+def _cut(outs: dict[str, np.ndarray], chunk: Chunk) -> dict[str, np.ndarray]:
     """Drop the padded samples of a run (from tensors whose dim 0 is the batch)."""
-    if padded == real:
-        return outs
-    return {k: v[:real] if v.ndim and v.shape[0] == padded else v for k, v in outs.items()}
+    return {k: chunk.unpad(v) for k, v in outs.items()}
 
 
 def _warn_if_saturating(model: onnx.ModelProto) -> None:
@@ -456,8 +454,8 @@ def compare(
         for chunk in iter_chunks(feeds, fp_in):
             q_chunk = q_in.feeds(chunk.feeds, where)  # the quantized model's dtypes (usually the same arrays)
             at = seen + chunk.start
-            ref = _cut(dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=at))), chunk.padded, chunk.real)
-            test = _cut(dict(zip(q_fetch, run(q_sess, q_fetch, q_chunk, start=at))), chunk.padded, chunk.real)
+            ref = _cut(dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=at))), chunk)
+            test = _cut(dict(zip(q_fetch, run(q_sess, q_fetch, q_chunk, start=at))), chunk)
             chunk_labels = None if label_arr is None else label_arr[at:at + chunk.real]
             acc.update(ref, test, chunk.real, chunk_labels)
             del ref, test

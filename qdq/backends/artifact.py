@@ -119,26 +119,27 @@ def check_torch_ops(model: ir.Model, backend: Any) -> None:
     before calibration (BackendError), instead of failing the lowering after it."""
     from qdq.errors import ModelError
     from qdq.qat import ops_compute, ops_elementwise, ops_shape  # noqa: F401  (register the built-in ops)
+    from qdq.qat.sites import QDQ_DOMAINS
     from qdq.qat.torch_ops import CompileContext, get_op
 
-    ctx = CompileContext(opset=int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))))
+    name = ExportBackend.parse(backend).value
+    ctx = CompileContext.of(model)
     missing: dict[str, str] = {}
     for node in model.graph:
-        if node.op_type in ("Constant", "QuantizeLinear", "DequantizeLinear") and node.domain in ("", "ai.onnx"):
+        default = node.domain in QDQ_DOMAINS
+        if default and node.op_type in ("Constant", "QuantizeLinear", "DequantizeLinear"):
             continue
         compiler = get_op(node.op_type, node.domain)
         if compiler is None:
-            missing.setdefault(f"{node.domain + '::' if node.domain not in ('', 'ai.onnx') else ''}{node.op_type}",
-                               node.name or "")
+            missing.setdefault(node.op_type if default else f"{node.domain}::{node.op_type}", node.name or "")
             continue
         try:
             compiler(node, ctx)  # compile-time refusals (an attribute the mirror does not run) come now
         except ModelError as exc:
-            raise BackendError(f"{ExportBackend.parse(backend).value} lowering: {first_line(exc)}; quantize this "
-                               "model for onnxruntime") from exc
+            raise BackendError(f"{name} lowering: {first_line(exc)}; quantize this model for onnxruntime") from exc
     if missing:
-        listed = ", ".join(f"{op} ('{name}')" for op, name in list(missing.items())[:5])
-        raise BackendError(f"{ExportBackend.parse(backend).value} lowering has no torch implementation of {listed}"
+        listed = ", ".join(f"{op} ('{node_name}')" for op, node_name in list(missing.items())[:5])
+        raise BackendError(f"{name} lowering has no torch implementation of {listed}"
                            f"{' and more' if len(missing) > 5 else ''}: quantize this model for onnxruntime, or "
                            "register one with @qdq.qat.register_op")
 

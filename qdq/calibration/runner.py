@@ -294,8 +294,7 @@ class CalibrationRunner:
                         raise DataError(f"tensor '{name}': {exc}") from exc
             if not all(getattr(c, "supports_chunks", False) for c in calcs):
                 self._whole.setdefault(name, []).append(x)  # one copy serves every whole-batch calculator
-        return [outs[n][:chunk.real] if drop is not None and outs[n].ndim and outs[n].shape[0] == chunk.padded
-                else outs[n] for n in want]
+        return [chunk.unpad(outs[n]) if drop is not None else outs[n] for n in want]
 
     def _warn_uncut(self, name: str, chunk: Chunk) -> None:
         if name not in self._warned:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-__all__ = ["Fp8ActivationsAsCastsPass"]
+from qdq.graph.readers import sole_reader
+
+__all__ = ["Fp8ActivationsAsCastsPass", "restore_fp8_pairs"]
 
 _FP8 = frozenset({ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2})
 
@@ -77,11 +79,10 @@ class Fp8ActivationsAsCastsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _sole_reader(value: ir.Value, op_type: str) -> ir.Node | None:
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op_type:
-        return None
-    return uses[0].node
+def _reader(value: ir.Value, op_type: str) -> ir.Node | None:
+    """``value``'s only reader when it is an ``op_type`` (:func:`~qdq.graph.readers.sole_reader`)."""
+    node = sole_reader(value)
+    return node if node is not None and node.op_type == op_type else None
 
 
 def restore_fp8_pairs(model: ir.Model) -> int:
@@ -102,8 +103,8 @@ def restore_fp8_pairs(model: ir.Model) -> int:
         if not to or ir.DataType(to) not in _FP8 or cast.inputs[0] is None:
             continue
         div = cast.inputs[0].producer()
-        back = _sole_reader(cast.outputs[0], "Cast")
-        mul = None if back is None else _sole_reader(back.outputs[0], "Mul")
+        back = _reader(cast.outputs[0], "Cast")
+        mul = None if back is None else _reader(back.outputs[0], "Mul")
         if div is None or div.op_type != "Div" or back is None or mul is None or div.inputs[1] not in mul.inputs:
             continue
         x, scale = div.inputs[0], div.inputs[1]
@@ -111,7 +112,7 @@ def restore_fp8_pairs(model: ir.Model) -> int:
         removed: list[ir.Node] = [div, cast, back, mul]
         end: ir.Node = mul
         wx, ws = x.producer(), scale.producer()
-        narrow = _sole_reader(mul.outputs[0], "Cast")
+        narrow = _reader(mul.outputs[0], "Cast")
         if (narrow is not None and wx is not None and ws is not None and wx.op_type == ws.op_type == "Cast"
                 and (wx.name or "").endswith("_x_f32") and (ws.name or "").endswith("_scale_f32")):
             x, scale, end = wx.inputs[0], ws.inputs[0], narrow

@@ -134,7 +134,7 @@ class OnnxModule(nn.Module):
         graph = model.graph
         self.input_names = [v.name or "" for v in graph.inputs]
         self.output_names = [v.name or "" for v in graph.outputs]
-        ctx = CompileContext(opset=int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))))
+        ctx = CompileContext.of(model)
 
         pairs: dict[int, ir.Node] = {}
         for node in graph:

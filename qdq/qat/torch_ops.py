@@ -60,6 +60,10 @@ class CompileContext:
 
     opset: int
 
+    @classmethod
+    def of(cls, model: ir.Model) -> CompileContext:
+        return cls(opset=int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))))
+
 
 OpCompiler = Callable[[ir.Node, CompileContext], OpFn]
 

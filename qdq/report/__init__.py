@@ -104,11 +104,6 @@ def _batches(data: Any, batch_size: int) -> Iterable[Any]:
     return data
 
 
-def _real(x: np.ndarray, real: int, padded: int) -> np.ndarray:
-    """A layer output without the samples padding a static batch added (a 0-d or unbatched output as it is)."""
-    return x[:real] if real != padded and x.ndim and x.shape[0] == padded else x
-
-
 def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = None, batch_size: int = 32,
                  progress: bool = True, profile_runs: int = 5) -> Report:
     """Measure ``quant_model`` against ``fp32_model`` on ``data`` (a DataSource, an array or a list of batches)."""
@@ -142,9 +137,9 @@ def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = 
             ref = dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=seen), strict=True))
             test = dict(zip(q_fetch, run(q_sess, q_fetch, q_inputs.feeds(chunk.feeds), start=seen), strict=True))
             for ly in plan.layers:
-                want = _real(ref[ly.output], chunk.real, chunk.padded)
-                iso[ly.name].update(want, _real(ref[ly.isolated], chunk.real, chunk.padded))
-                acc[ly.name].update(want, _real(test[ly.output], chunk.real, chunk.padded))
+                want = chunk.unpad(ref[ly.output])
+                iso[ly.name].update(want, chunk.unpad(ref[ly.isolated]))
+                acc[ly.name].update(want, chunk.unpad(test[ly.output]))
             for name, stats in acts.items():
                 stats.update(ref[name])
             seen += chunk.real
