@@ -9,6 +9,10 @@ raised before any session runs.
 
 A *static batch* (every required input's first dim is the same fixed N) is honoured by running
 in chunks of N, see :func:`iter_chunks`: a batch-1 export runs sample by sample.
+
+An *unbatched* input has no sample axis: a scalar, or a fixed-shape input beside inputs whose batch it does not
+share (a ``pads`` vector ``(8,)`` next to images ``(N, 3, H, W)``). It is fed whole, the same value with every
+run (:attr:`ModelInputs.unbatched`).
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ class ModelInputs(Sequence[InputSpec]):
         self.by_name = {s.name: s for s in self.specs}
         #: inputs that must be fed (no default initializer)
         self.required = [s for s in self.specs if not s.optional]
-        self.static_batch = _static_batch(self.required)
+        #: required inputs with no sample axis, fed whole with every run (see :func:`_unbatched`)
+        self.unbatched = _unbatched(self.required)
+        self.static_batch = _static_batch([s for s in self.required if s.name not in self.unbatched])
 
     def __getitem__(self, i: Any) -> Any:
         return self.specs[i]
@@ -136,6 +142,10 @@ class ModelInputs(Sequence[InputSpec]):
         if spec.shape is None:
             return
         full = tuple(shape) if batched else (None, *shape)
+        if name in self.unbatched and tuple(shape) != tuple(spec.shape):
+            raise DataError(f"{where}: input '{name}' has no batch axis (model shape {fmt_shape(spec.shape)}): it takes "
+                            f"one value for the whole run, but got {fmt_shape(tuple(shape))}; pass that one "
+                            f"{fmt_shape(spec.shape)} value with every batch")
         if len(full) != len(spec.shape):
             got = fmt_shape(full) if batched else f"samples of {fmt_shape(tuple(shape))}"
             raise DataError(f"{where}: input '{name}' got {len(full)} dims {got} but the model expects "
@@ -204,17 +214,28 @@ class ModelInputs(Sequence[InputSpec]):
             items = [(s.name, v) for s, v in zip(targets, values)]
         feeds = {name: self.convert(name, x, where) for name, x in items}
         if self.static_batch is not None and feeds:
-            sizes = {v.shape[0] for n, v in feeds.items() if v.ndim and not self.by_name[n].optional}
+            sizes = {v.shape[0] for n, v in feeds.items() if self.is_batched(n, v)}
             if len(sizes) > 1:
-                detail = ", ".join(f"{n}: {v.shape[0]}" for n, v in feeds.items() if v.ndim)
+                detail = ", ".join(f"{n}: {v.shape[0]}" for n, v in feeds.items() if self.is_batched(n, v))
                 raise DataError(f"{where}: inputs have different numbers of samples ({detail}); give every input "
                                 "the same number")
         return feeds
 
     def batch_len(self, feeds: Mapping[str, np.ndarray]) -> int | None:
         """Samples in ``feeds``: the common first dim of the required inputs of rank >= 1 (None if unknown)."""
-        sizes = {v.shape[0] for n, v in feeds.items() if v.ndim and not (n in self.by_name and self.by_name[n].optional)}
+        sizes = {v.shape[0] for n, v in feeds.items() if self.is_batched(n, v)}
         return sizes.pop() if len(sizes) == 1 else None
+
+    def is_batched(self, name: str, x: np.ndarray) -> bool:
+        """Whether feed ``name`` is stacked by sample: a required input of rank >= 1 that has a sample axis."""
+        spec = self.by_name.get(name)
+        return bool(x.ndim) and spec is not None and not spec.optional and name not in self.unbatched
+
+    def split(self, feeds: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Samples ``start:stop`` of ``feeds``: arrays with the batch's sample axis sliced, unbatched inputs as they are."""
+        n = self.batch_len(feeds)
+        return {k: v[start:stop] if v.ndim and v.shape[0] == n and k not in self.unbatched else v
+                for k, v in feeds.items()}
 
 
 def is_float(dtype: np.dtype) -> bool:
@@ -225,6 +246,27 @@ def is_float(dtype: np.dtype) -> bool:
 def _kind(dtype: np.dtype) -> str:
     """numpy's dtype kind, with ml_dtypes' bfloat16/float8 (kind "V") counted as float."""
     return "f" if dtype.kind == "V" and "float" in dtype.name else dtype.kind
+
+
+def _unbatched(required: Sequence[InputSpec]) -> set[str]:
+    """Required inputs with no sample axis: rank 0, and fixed-shape inputs beside a batch axis they cannot share.
+
+    When some input's first dim is dynamic, every input whose dims are all fixed is unbatched (it cannot grow
+    with the batch). When every first dim is fixed but they differ, the batch is the first dim of the
+    highest-rank input (the first such); inputs whose first dim differs are unbatched.
+    """
+    out = {s.name for s in required if s.shape == ()}
+    ranked = [s for s in required if s.shape]
+    if not ranked:
+        return out
+    fixed = [all(isinstance(d, int) and d > 0 for d in s.shape) for s in ranked]  # type: ignore[union-attr]
+    if any(not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in ranked):  # type: ignore[index]
+        return out | {s.name for s, f in zip(ranked, fixed) if f}
+    firsts = {s.shape[0] for s in ranked}  # type: ignore[index]
+    if len(firsts) > 1:
+        lead = max(ranked, key=lambda s: len(s.shape))  # type: ignore[arg-type]
+        out |= {s.name for s in ranked if s.shape[0] != lead.shape[0]}  # type: ignore[index]
+    return out
 
 
 def _static_batch(required: Sequence[InputSpec]) -> int | None:
@@ -326,8 +368,7 @@ def iter_chunks(feeds: Mapping[str, np.ndarray], inputs: ModelInputs, step: int 
     if n is None or size is None or (n == size) or (inputs.static_batch is None and n <= size):
         yield Chunk(dict(feeds), 0, n or 1, n or 1)
         return
-    batched = {k for k, v in feeds.items() if v.ndim and v.shape[0] == n and not
-               (k in inputs.by_name and inputs.by_name[k].optional)}
+    batched = {k for k, v in feeds.items() if inputs.is_batched(k, v) and v.shape[0] == n}
     for start in range(0, n, size):
         real = min(size, n - start)
         part = {k: (v[start:start + real] if k in batched else v) for k, v in feeds.items()}
@@ -347,7 +388,7 @@ def first_samples(batches: Iterable[Any], inputs: ModelInputs, count: int) -> It
         feeds = inputs.feeds(batch, "calibration batch")
         n = inputs.batch_len(feeds) or 1
         take = n if not count else min(n, count - seen)
-        yield {k: (v[:take] if getattr(v, "ndim", 0) and len(v) == n else v) for k, v in feeds.items()}
+        yield inputs.split(feeds, 0, take)
         seen += take
         if count and seen >= count:
             return

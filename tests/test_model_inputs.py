@@ -4,16 +4,18 @@ optional inputs, and one-line mismatch errors raised before any calibration sess
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq
 from qdq import DataError, Quantizer
 from qdq.data import open_data
-from qdq.model_inputs import model_inputs
+from qdq.model_inputs import InputSpec, ModelInputs, model_inputs
 from qdq.session import make_session
 from qdq.validate import run_model
 
@@ -318,9 +320,12 @@ def test_rank0_input_takes_one_value_for_every_batch(tmp_path: Path, save) -> No
     report = qdq.compare(model, out, tmp_path / "calib.npz", progress=False, batch_size=3)
     assert report.num_samples == 10 and report.outputs[0].sqnr_db > 30
     assert model_inputs(onnx.load(model)).feeds({"x": x, "temp": np.float32(2.5)})["temp"].shape == ()
-    save(tmp_path / "per_sample.npz", x=x, temp=np.full(10, 2.5, np.float32))
-    with pytest.raises(DataError, match=r"'temp' is a scalar \(rank 0\).*save one 0-d value"):
-        open_data(tmp_path / "per_sample.npz", model_inputs(onnx.load(model)))
+    save(tmp_path / "per_sample.npz", x=x, temp=np.full(10, 2.5, np.float32))  # one copy per sample: all the same
+    assert all(b["temp"].shape == () for b in open_data(tmp_path / "per_sample.npz",
+                                                          model_inputs(onnx.load(model))).batches(4))
+    save(tmp_path / "matrix.npz", x=x, temp=np.full((10, 2), 2.5, np.float32))
+    with pytest.raises(DataError, match=r"'temp' is a scalar \(rank 0\).*has \(10, 2\); save one 0-d value"):
+        open_data(tmp_path / "matrix.npz", model_inputs(onnx.load(model)))
 
 
 def test_rank0_input_with_different_values_in_one_batch_is_refused(tmp_path: Path) -> None:
@@ -334,3 +339,57 @@ def test_rank0_input_with_different_values_in_one_batch_is_refused(tmp_path: Pat
     assert [b["temp"] for b in source.batches(3)] == [2.0, 100.0]  # a batch per file: each its own value
     with pytest.raises(DataError, match=r"scalar input 'temp' has different values in the data files of one batch"):
         list(source.batches(4))
+
+
+def _with_pads(batch: int | str) -> onnx.ModelProto:
+    """y = Pad(Conv(x), pads) with ``pads`` a fixed (8,) int64 input: no batch axis, beside images (batch, 3, 6, 6)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c"]),
+                               helper.make_node("Pad", ["c", "pads"], ["y"], mode="constant")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6]),
+                                    helper.make_tensor_value_info("pads", TensorProto.INT64, [8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, "H", "W"])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_unbatched_input_rule() -> None:
+    """Which inputs have no sample axis: scalars; fixed-shape inputs beside a dynamic batch; beside a fixed batch,
+    those whose first dim is not the highest-rank input's."""
+    def spec(name: str, *shape: Any) -> InputSpec:
+        return InputSpec(name, ir.DataType.FLOAT, tuple(shape))
+
+    assert ModelInputs([spec("x", "N", 3), spec("pads", 8), spec("t")]).unbatched == {"pads", "t"}
+    static = ModelInputs([spec("pads", 8), spec("x", 1, 3, 6, 6), spec("m", 1, 6)])
+    assert static.unbatched == {"pads"} and static.static_batch == 1
+    assert ModelInputs([spec("a", 2, 3), spec("b", 2, 5)]).unbatched == set()
+    assert ModelInputs([spec("ids", "N", "S"), spec("mask", "N", "S")]).unbatched == set()
+
+
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_input_without_batch_axis_is_fed_whole(tmp_path: Path, batch: int | str) -> None:
+    """A fixed (8,) ``pads`` input beside images: its one value (or one copy per sample) goes with every run, for a
+    dynamic and a batch-1 model; quantize and compare run; samples that disagree in one batch get one line."""
+    model = _save(_with_pads(batch), tmp_path / "pads.onnx")
+    signature = model_inputs(onnx.load(model))
+    assert signature.unbatched == {"pads"}
+    x = np.random.default_rng(1).standard_normal((10, 3, 6, 6)).astype(np.float32)
+    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    np.savez(tmp_path / "one.npz", x=x, pads=pads)
+    np.savez_compressed(tmp_path / "each.npz", x=x, pads=np.tile(pads, (10, 1)))
+    for name in ("one.npz", "each.npz"):
+        batches = list(open_data(tmp_path / name, signature).batches(4))
+        assert [b["x"].shape[0] for b in batches] == [4, 4, 2]
+        assert all(np.array_equal(b["pads"], pads) for b in batches)
+    out = tmp_path / "q.onnx"
+    qdq.quantize(model, "int8", tmp_path / "each.npz", output=out, progress=False, batch_size=4)
+    report = qdq.compare(model, out, tmp_path / "one.npz", progress=False, batch_size=3)
+    assert report.num_samples == 10 and report.outputs[0].sqnr_db > 30
+    assert signature.feeds({"x": x, "pads": pads})["pads"].shape == (8,)
+    with pytest.raises(DataError, match=r"'pads' has no batch axis \(model shape \(8\)\).*got \(10, 8\)"):
+        signature.feeds({"x": x, "pads": np.tile(pads, (10, 1))})
+    mixed = np.tile(pads, (10, 1))
+    mixed[6] = 0
+    np.savez(tmp_path / "mixed.npz", x=x, pads=mixed)
+    assert len(list(open_data(tmp_path / "mixed.npz", signature).batches(1))) == 10
+    with pytest.raises(DataError, match=r"mixed.npz: input 'pads' has no batch axis.*samples 4..7 differ"):
+        list(open_data(tmp_path / "mixed.npz", signature).batches(4))

@@ -249,20 +249,21 @@ class LayerRounding(Algorithm):
         first = next(iter(batches()), None)
         if first is None:
             raise DataError(f"{self.name} needs calibration data: the batches are empty")
-        first = dict(first)
-        sizes = {len(v) for v in first.values() if np.ndim(v) > 0}
-        if len(sizes) != 1:
-            return list(groups.values())  # no common batch axis: one pass per input
-        per_batch = sizes.pop()
-        sample = {k: v[:1] if np.ndim(v) > 0 else v for k, v in first.items()}
-        inputs = {v.name for v in model.graph.inputs}
-        fetch = [name for name in groups if name not in inputs]
         from qdq.model_inputs import model_inputs
         from qdq.session import make_session, run_batched
 
+        signature = model_inputs(model)
+        first = {k: np.asarray(v) for k, v in dict(first).items()}
+        per_batch = signature.batch_len(first)
+        if per_batch is None:
+            return list(groups.values())  # no common batch axis: one pass per input
+        sample = signature.split(first, 0, 1)
+        inputs = {v.name for v in model.graph.inputs}
+        fetch = [name for name in groups if name not in inputs]
+
         session = make_session(model, level="none", extra_outputs=fetch, arena=False,
                                label=f"model ({self.name} sizing)")
-        outs = run_batched(session, sample, model_inputs(model), fetch)  # a static batch runs padded to its size
+        outs = run_batched(session, sample, signature, fetch)  # a static batch runs padded to its size
         nbytes = dict(zip(fetch, (a.nbytes * per_batch for a in outs), strict=True))
         del session
         budget = self.options["fetch_mb"] * 2 ** 20

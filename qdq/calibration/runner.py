@@ -244,8 +244,7 @@ class CalibrationRunner:
             start = 0
             while start < n:  # the first run ever is 1 sample: it measures the bytes per sample
                 step = 1 if self.bytes_per_sample is None else self._step()
-                chunk = Chunk({k: v[start:start + step] if v.ndim and v.shape[0] == n else v for k, v in feeds.items()},
-                              start, min(step, n - start), min(step, n - start))
+                chunk = Chunk(self.inputs.split(feeds, start, start + step), start, min(step, n - start), min(step, n - start))
                 parts.append((chunk, self._run(chunk, want)))
                 start += step
         self._end_batch()

@@ -3,7 +3,8 @@
 :func:`open_data` accepts
 
 * a ``.npy`` file (single-input models; the first axis is the sample axis),
-* a ``.npz`` file with one array per model input name,
+* a ``.npz`` file with one array per model input name (an input without a batch axis, such as a scalar or a
+  fixed ``pads`` vector, holds its one value, or one equal copy per sample),
 * a folder of ``.npy``/``.npz`` files (each file one sample or a batch of samples, name order),
 * a folder of images (``.jpg``/``.jpeg``/``.png``, name order), resized on the short side,
   center-cropped, scaled to ``x/255`` and normalised with ``(x - mean) / std`` into NCHW.

@@ -20,8 +20,9 @@ from typing import IO, Protocol
 import numpy as np
 
 from qdq.errors import DataError
+from qdq.model_inputs import fmt_shape
 
-__all__ = ["ARRAY_SUFFIXES", "Array", "MappedArray", "SingleSample", "ZipStreamArray", "open_arrays"]
+__all__ = ["ARRAY_SUFFIXES", "Array", "MappedArray", "SingleSample", "UnbatchedInput", "UnbatchedValueError", "ZipStreamArray", "open_arrays"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +66,37 @@ class SingleSample:
         return self.inner.read(0, self.inner.shape[0])[None]
 
 
-class ScalarInput:
-    """The one value of a rank-0 model input (a temperature, a threshold): fed unchanged with every batch."""
+class UnbatchedValueError(DataError):
+    """The samples of one batch disagree on the value of an unbatched input."""
 
-    def __init__(self, inner: Array) -> None:
-        self.inner = inner
-        self.shape: tuple[int, ...] = ()
+
+class UnbatchedInput:
+    """An input the model takes whole with every run, with no sample axis (a scalar temperature, a fixed ``pads``
+    vector): its one value, fed unchanged with every batch.
+
+    ``per_sample``: the file holds one copy per sample (``[samples, *shape]``); every range read must then hold
+    the same value, since one run takes one.
+    """
+
+    def __init__(self, inner: Array, name: str, *, per_sample: bool = False) -> None:
+        self.inner, self.name, self.per_sample = inner, name, per_sample
+        self.shape: tuple[int, ...] = tuple(inner.shape[1:] if per_sample else inner.shape)
         self.dtype = inner.dtype
         self._value: np.ndarray | None = None
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        if self.per_sample:
+            rows = np.asarray(self.inner.read(start, stop))
+            if len(rows) > 1 and not (rows == rows[:1]).all():
+                raise UnbatchedValueError(f"input '{self.name}' has no batch axis (model shape {fmt_shape(self.shape)}), so one run "
+                                f"takes one value, but samples {start}..{stop - 1} differ; give every sample the same "
+                                "value, or use batch size 1")
+            return rows[0]
         if self._value is None:
             inner = self.inner
-            raw = np.array(inner.array) if isinstance(inner, MappedArray) else inner.read(0, 1)
-            self._value = np.asarray(raw).reshape(())
+            whole = inner.shape[0] if inner.shape else 1  # a 0-d compressed member reads as one row
+            raw = np.array(inner.array) if isinstance(inner, MappedArray) else inner.read(0, whole)
+            self._value = np.asarray(raw).reshape(self.shape)
         return self._value
 
 

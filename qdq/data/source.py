@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qdq.data.arrays import ARRAY_SUFFIXES, Array, MappedArray, ScalarInput, SingleSample, open_arrays
+from qdq.data.arrays import (
+    ARRAY_SUFFIXES,
+    Array,
+    MappedArray,
+    SingleSample,
+    UnbatchedInput,
+    UnbatchedValueError,
+    open_arrays,
+)
 from qdq.data.images import IMAGE_SUFFIXES, ImageArray, InputShape, list_files, per_channel, target_size
 from qdq.data.text import TEXT_SUFFIXES
 from qdq.errors import ConfigError, DataError
@@ -62,6 +70,20 @@ def _is_single_sample(name: str, shape: tuple[int, ...], model_shape: InputShape
     )
 
 
+def _unbatched_layout(name: str, shape: tuple[int, ...], model_shape: InputShape | None, label: str) -> bool:
+    """How a file holds an unbatched input: its one value (False) or one copy per sample (True)."""
+    want = tuple(model_shape or ())
+    if shape == want:
+        return False
+    if shape[1:] == want and shape:
+        return True
+    what = "is a scalar (rank 0)" if not want else f"has no batch axis (model shape {fmt_shape(want)})"
+    value = "0-d" if not want else fmt_shape(want)
+    raise DataError(f"{label}: model input '{name}' {what}, one value for every run, but the file has "
+                    f"{fmt_shape(shape)}; save one {value} value for it (or one per sample, "
+                    f"{fmt_shape(('samples', *want))}, all the same)")
+
+
 def _check_sample_shape(name: str, sample: tuple[int, ...], model_shape: InputShape | None, label: str) -> None:
     """Compare a sample's dims with the model input's fixed dims (dynamic dims match anything)."""
     if model_shape is None:
@@ -104,9 +126,19 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         singles: dict[str, bool] = {}
         samples: dict[str, tuple[int, ...]] = {}
         counts: dict[str, int] = {}
+        unbatched = signature.unbatched if signature is not None else set()
+        per_sample: dict[str, bool] = {}  # unbatched inputs: one copy per sample (True) or one value (False)
         for name in keys:
             member = arrays[keys[name]]
             shape = member.shape
+            if name in unbatched:
+                per_sample[name] = _unbatched_layout(name, shape, shapes.get(name), str(path))
+                samples[name] = shape[1:] if per_sample[name] else shape
+                assert signature is not None
+                signature.check_array(name, member.dtype, samples[name], str(path))
+                if per_sample[name]:
+                    counts[name] = shape[0]
+                continue
             single = _is_single_sample(name, shape, shapes.get(name), str(path))
             singles[name] = single
             samples[name] = shape if single else shape[1:]
@@ -121,11 +153,17 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
         raise DataError(f"{path}: inputs have different sample counts ({detail}); save the same number per input")
 
+    def wrap(name: str, member: Array) -> Array:
+        if name in per_sample:
+            return UnbatchedInput(member, name, per_sample=per_sample[name])
+        if singles[name]:
+            return SingleSample(member) if samples[name] else UnbatchedInput(member, name)
+        return member
+
     @contextmanager
     def opener() -> Iterator[dict[str, Array]]:
         with open_arrays(path) as arrays:
-            yield {n: (ScalarInput(arrays[keys[n]]) if not samples[n] and singles[n] else
-                       SingleSample(arrays[keys[n]]) if singles[n] else arrays[keys[n]]) for n in keys}
+            yield {n: wrap(n, arrays[keys[n]]) for n in keys}
 
     return _Chunk(path, next(iter(counts.values()), 1), opener), samples
 
@@ -209,28 +247,33 @@ class DataSource:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
         pending: list[dict[str, np.ndarray]] = []
         filled = 0
+        unbatched = self.signature.unbatched if self.signature is not None else set()
         for chunk in self._chunks:
             with chunk.open() as arrays:
                 pos = 0
                 while pos < chunk.count:
                     stop = min(chunk.count, pos + batch_size - filled)
                     where = f"{self.role} data file {chunk.path}"
-                    piece = {n: self._convert(n, np.asarray(a.read(pos, stop)), where) for n, a in arrays.items()}
+                    try:
+                        piece = {n: self._convert(n, np.asarray(a.read(pos, stop)), where) for n, a in arrays.items()}
+                    except UnbatchedValueError as exc:
+                        raise DataError(f"{where}: {exc}") from exc
                     self._check_finite(piece, chunk, pos)
                     pending.append(piece)
                     filled += stop - pos
                     pos = stop
                     if filled == batch_size:
-                        yield _concat(pending)
+                        yield _concat(pending, unbatched)
                         pending, filled = [], 0
         if pending:
-            yield _concat(pending)
+            yield _concat(pending, unbatched)
 
     def _check_finite(self, piece: Mapping[str, np.ndarray], chunk: _Chunk, start: int) -> None:
         for name, x in piece.items():
             if x.dtype.kind != "f":
                 continue
-            finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if x.ndim else np.isfinite(x)
+            batched = x.ndim and (self.signature is None or name not in self.signature.unbatched)
+            finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if batched else np.isfinite(x).all()
             if not np.all(finite):
                 bad = np.flatnonzero(~finite) + start
                 raise DataError(
@@ -239,15 +282,24 @@ class DataSource:
                 )
 
 
-def _concat(pieces: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _concat(pieces: Sequence[Mapping[str, np.ndarray]], unbatched: set[str] | frozenset[str] = frozenset()
+            ) -> dict[str, np.ndarray]:
+    """One batch from the pieces read from several files: batched inputs joined by sample, an unbatched input's one
+    value (scalars included) kept when every file agrees on it."""
     if len(pieces) == 1:
         return dict(pieces[0])
-    for n, x in pieces[0].items():
-        if not x.ndim and any(not np.array_equal(p[n], x) for p in pieces[1:]):
-            raise DataError(f"scalar input '{n}' has different values in the data files of one batch ({x} and "
-                            f"others); give it one value in every file, or split the runs")
-    return {n: np.concatenate([p[n] for p in pieces], axis=0) if pieces[0][n].ndim else pieces[0][n]
-            for n in pieces[0]}
+    whole = {n for n, x in pieces[0].items() if not x.ndim or n in unbatched}
+    for n in whole:
+        x = pieces[0][n]
+        if any(not np.array_equal(p[n], x) for p in pieces[1:]):
+            what = "scalar input" if not x.ndim else "input"
+            raise DataError(f"{what} '{n}' has different values in the data files of one batch ({_brief(x)} and "
+                            f"others); it takes one value per run: give it one value in every file, or split the runs")
+    return {n: pieces[0][n] if n in whole else np.concatenate([p[n] for p in pieces], axis=0) for n in pieces[0]}
+
+
+def _brief(x: np.ndarray) -> str:
+    return str(x) if x.size <= 8 else f"{fmt_shape(x.shape)} array"
 
 
 def open_data(
