@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from qdq.errors import ModelError
 
-__all__ = ["FULL_CHECK_MAX_BYTES", "MIN_OPSET", "check_graph", "check_proto", "external_locations"]
+__all__ = ["FULL_CHECK_MAX_BYTES", "MIN_OPSET", "check_graph", "check_proto", "expected_bytes", "external_locations"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,12 @@ def check_proto(proto: onnx.ModelProto, *, source: str, base_dir: str | os.PathL
     except Exception as exc:
         raise ModelError(f"{source} is not a valid ONNX model: {_checker_message(exc)}") from exc
     standard = all(n.domain in _STANDARD_DOMAINS for n in proto.graph.node)
-    if standard and not proto.functions and proto.ByteSize() <= FULL_CHECK_MAX_BYTES:
+    size = proto.ByteSize() + sum(expected_bytes(t) or 0 for t in external)
+    if standard and not proto.functions and size <= FULL_CHECK_MAX_BYTES:
+        if external and path is not None:  # shape inference reads constants (axes, shapes) from the data itself
+            target = onnx.load(str(path))
+        elif external:
+            return  # a proto whose data is elsewhere: no strict check
         try:
             onnx.checker.check_model(target, full_check=True)
         except Exception as exc:
@@ -105,7 +110,8 @@ def _external_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     return tensors
 
 
-def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+def expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes of a tensor's data from its dims and type (None for a type without a fixed size)."""
     count = 1
     for d in tensor.dims:
         count *= int(d)
@@ -128,7 +134,7 @@ def _check_external(tensor: onnx.TensorProto, base_dir: Path, source: str) -> No
     if not path.is_file():
         raise ModelError(f"{what} is missing (looked for {path}); put the data file beside the model")
     offset = int(info.get("offset", 0) or 0)
-    length = int(info["length"]) if info.get("length") else _expected_bytes(tensor)
+    length = int(info["length"]) if info.get("length") else expected_bytes(tensor)
     size = path.stat().st_size
     if length is not None and offset + length > size:
         raise ModelError(f"{what} is short: {size} bytes, the tensor needs bytes {offset}..{offset + length}; "

@@ -24,11 +24,13 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from qdq.errors import ModelError, first_line
-from qdq.model_check import check_proto
+from qdq.model_check import check_proto, expected_bytes
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "check_output_path", "external_data_dir", "load_model", "save", "to_proto"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "check_output_path", "external_data_dir", "inline_small_external", "load_model", "save",
+           "to_proto"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,38 @@ def load_model(model: Any) -> ir.Model:
         except Exception as exc:
             raise ModelError(f"{path} is not a readable ONNX model ({first_line(exc)}); re-export it") from exc
         ir.external_data.set_base_dir(loaded.graph, str(path.parent))
+        _inline_small_external(loaded)
         return loaded
     raise ModelError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+#: External tensors up to this size are read into memory at load: shape inference (onnxruntime's included)
+#: needs the values of shape-like constants (axes, pads, target shapes), which some savers put outside.
+INLINE_EXTERNAL_MAX_BYTES = 4096
+
+
+def _inline_small_external(model: ir.Model) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= INLINE_EXTERNAL_MAX_BYTES:
+            value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
+
+
+def inline_small_external(proto: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> bool:
+    """Read the small external initializers of ``proto`` (see :data:`INLINE_EXTERNAL_MAX_BYTES`) into it, in place;
+    whether any was."""
+    changed = False
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        size = int(info["length"]) if info.get("length") else expected_bytes(tensor)
+        if size is not None and size <= INLINE_EXTERNAL_MAX_BYTES:
+            load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            changed = True
+    return changed
 
 
 def to_proto(model: Any) -> onnx.ModelProto:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from qdq.errors import ConfigError, DataError, ModelError, first_line
 from qdq.model_inputs import Chunk, ModelInputs, iter_chunks, join_outputs
-from qdq.model_io import external_data_dir
+from qdq.model_io import external_data_dir, inline_small_external
 
 __all__ = ["DEFAULT_PROVIDERS", "OPT_LEVELS", "iter_batched", "make_session", "opt_level", "ort_feeds", "run",
            "run_batched", "session_options"]
@@ -117,11 +117,17 @@ def _load(model: Any, opts: ort.SessionOptions, threads: int, arena: bool, extra
             if not path.is_file():
                 raise ModelError(f"{'model file' if label.startswith('model ') else label} not found: {path}")
             if not extra:
-                return ort.InferenceSession(str(path), opts, providers=provs)
+                try:
+                    return ort.InferenceSession(str(path), opts, providers=provs)
+                except Exception as exc:
+                    if "external tensors" not in str(exc):
+                        raise
+                    # a shape-like constant (axes, pads) saved outside: read the small ones in, as load_model does
             try:
                 proto = onnx.load(str(path), load_external_data=False)
             except Exception as exc:
                 raise ModelError(f"{path} is not a readable ONNX model ({first_line(exc)})") from exc
+            inline_small_external(proto, path.parent)
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
             return ort.InferenceSession(_with_outputs(proto, extra, label), opts, providers=provs)
         if isinstance(model, onnx.ModelProto):

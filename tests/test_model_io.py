@@ -152,11 +152,40 @@ def test_failure_between_renames_restores_the_previous_files(tmp_path, digits_on
 def test_model_with_external_data_saves_self_contained_elsewhere(tmp_path) -> None:
     src = _external_model(tmp_path / "src")
     model = qdq.load_model(src)
+    weight = model.graph.initializers["w"].const_value
     out = tmp_path / "out" / "copy.onnx"
     out.parent.mkdir()
     model_io.save(model, out)
     assert _listing(out.parent) == ["copy.onnx"]
-    assert isinstance(model.graph.initializers["w"].const_value, model_io.ir.ExternalTensor)  # input object kept
+    assert model.graph.initializers["w"].const_value is weight  # input object kept
     loaded = onnx.load(out)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]),
                                   np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+def test_small_external_constants_are_read_in(tmp_path) -> None:
+    """A model saved with every tensor outside (size_threshold=0) puts ReduceMean's axes there too; onnxruntime
+    cannot load it from its path. qdq reads the small ones in: quantize, compare and report run, and large
+    weights stay external in the loaded model."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.normal(0, 0.3, (64, 32)).astype(np.float32), "w")
+    axes = onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                               helper.make_node("ReduceMean", ["h", "axes"], ["y"], keepdims=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], [w, axes])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src = folder / "m.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), src,
+                    save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = qdq.load_model(src)
+    assert isinstance(loaded.graph.initializers["w"].const_value, model_io.ir.ExternalTensor)
+    assert not isinstance(loaded.graph.initializers["axes"].const_value, model_io.ir.ExternalTensor)
+    np.save(tmp_path / "x.npy", rng.standard_normal((32, 64)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    qdq.quantize(src, "int8", tmp_path / "x.npy", output=out, progress=False)
+    report = qdq.compare(src, out, tmp_path / "x.npy", progress=False)
+    assert report.outputs[0].sqnr_db > 25
