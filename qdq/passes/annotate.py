@@ -196,12 +196,18 @@ class _PlanBuilder:
             spec = dataclasses.replace(spec, granularity=PerTensorGranularity())
         layout = resolve_layout(spec.granularity, rank, channel_axis=ch, block_axis=bl,
                                 what=f"{kind} '{value.name}' of node '{node.name}'")
-        for t in self.by_tensor.get(value.name or "", []):
+        existing = self.by_tensor.get(value.name or "", [])
+        uses = [(node.name or "", i) for i, v in enumerate(node.inputs) if v is value]
+        for t in existing:
             if t.spec == spec and t.layout == layout:
                 t.ops.append(node.name or "")
+                if t.uses is not None:
+                    t.uses.extend(uses)
                 return
+        # a tensor shared by ops that need another grid (a tied weight read by Gemm transB=1 and transB=0: other
+        # channel axes): the first grid serves every reader, each later one only its own
         self._add(QuantTarget(self._new_key(value.name or node.name or ""), value.name or "", spec, layout,
-                              kind, uses=None, ops=[node.name or ""]))
+                              kind, uses=uses if existing else None, ops=[node.name or ""]))
 
     def output(self, node: ir.Node, value: ir.Value, spec: QuantizationSpec) -> None:
         if any(t.uses is None for t in self.by_tensor.get(value.name or "", [])):

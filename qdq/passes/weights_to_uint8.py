@@ -7,10 +7,11 @@ onnxruntime pipeline runs this pass for ``kernel_format="u8u8"``, the default on
 
 A weight converts when it is a constant int8 DequantizeLinear (no ``block_size``) with a code outside
 [-64, 63] (inside, a pair of products fits int16: onnxruntime's ``session.x64quantprecision`` uses the same
-rule for the few ops it converts itself) read only as input 1 of
+rule for the few ops it converts itself) read as input 1 of
 Conv / ConvTranspose / Gemm / MatMul whose input 0 is itself an 8-bit DequantizeLinear (an integer kernel:
 weight-only models keep int8, which changes nothing there). A weight something else also reads as int8 (a tied
-embedding table that GatherThenDequantize gathers as integers) gets a uint8 copy for its kernels. A zero point
+embedding table that GatherThenDequantize gathers as integers) gets a uint8 copy for its kernels; a
+DequantizeLinear also read by another op (a Reshape) gets a copy for its kernels. A zero point
 shared with a weight that stays int8 is split; a missing one becomes an explicit 128.
 """
 
@@ -20,6 +21,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir._core import Usage  # (node, idx) of Value.uses(); not re-exported by onnx_ir
 
 from qdq.passes._qdq_nodes import add_initializer, const_array, is_dq, quant_ir_dtype, uint8_twin
 
@@ -31,8 +33,8 @@ _OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _8BIT = (ir.DataType.UINT8, ir.DataType.INT8)
 
 
-def _integer_kernel_weight(dq: ir.Node) -> bool:
-    """``dq`` dequantizes a constant int8 weight read only as input 1 of ops whose input 0 is 8-bit QDQ."""
+def _int8_weight(dq: ir.Node) -> bool:
+    """``dq`` dequantizes a constant int8 weight (no blocks) whose codes leave [-64, 63]."""
     w = dq.inputs[0]
     block: int = dq.attributes.get_int("block_size", 0)
     if w is None or w.const_value is None or w.dtype != ir.DataType.INT8 or block:
@@ -41,36 +43,62 @@ def _integer_kernel_weight(dq: ir.Node) -> bool:
     if zp is not None and const_array(zp) is None:
         return False
     codes = w.const_value.numpy()
-    if codes.size and int(codes.min()) >= -64 and int(codes.max()) <= 63:
-        return False  # 7-bit codes: 255 * 64 * 2 fits int16, so U8S8 cannot saturate (onnxruntime's own rule)
-    uses = list(dq.outputs[0].uses())
-    if not uses or dq.outputs[0].is_graph_output():
+    # 7-bit codes: 255 * 64 * 2 fits int16, so U8S8 cannot saturate (onnxruntime's own rule)
+    return not (codes.size and int(codes.min()) >= -64 and int(codes.max()) <= 63)
+
+
+def _kernel_use(use: Usage) -> bool:
+    """``use`` is input 1 of an op whose input 0 is 8-bit QDQ (an integer kernel)."""
+    op = use.node
+    if op.op_type not in _OPS or op.domain not in ("", "ai.onnx") or use.idx != 1:
         return False
-    for use in uses:
-        op = use.node
-        if op.op_type not in _OPS or op.domain not in ("", "ai.onnx") or use.idx != 1:
-            return False
-        x = op.inputs[0].producer() if op.inputs[0] is not None else None
-        if not is_dq(x) or quant_ir_dtype(x) not in _8BIT:  # type: ignore[arg-type]
-            return False
-    return True
+    x = op.inputs[0].producer() if op.inputs[0] is not None else None
+    return is_dq(x) and quant_ir_dtype(x) in _8BIT  # type: ignore[arg-type]
 
 
-def _convertible(graph: ir.Graph) -> list[ir.Node]:
-    """The weight DequantizeLinear nodes to convert: all readers of each of their weights qualify."""
+def _split_kernel_uses(graph: ir.Graph, dq: ir.Node, kernel: list[Usage]) -> ir.Node:
+    """A copy of ``dq`` for the kernel readers ``kernel``; the original keeps its other readers (a Reshape, a
+    graph output), which read float values either way."""
+    twin = ir.Node(dq.domain, "DequantizeLinear", list(dq.inputs), attributes=list(dq.attributes.values()),
+                   name=f"{dq.name}_kernel", num_outputs=1)
+    out = twin.outputs[0]
+    out.name = f"{dq.outputs[0].name}_kernel"
+    out.type, out.shape = dq.outputs[0].type, dq.outputs[0].shape
+    graph.insert_after(dq, [twin])
+    for use in kernel:
+        use.node.replace_input_with(use.idx, out)
+    return twin
+
+
+def _convertible(graph: ir.Graph, *, split: bool = False) -> list[ir.Node]:
+    """The weight DequantizeLinear nodes to convert: all readers of each of their weights qualify.
+
+    ``split``: a DequantizeLinear read by integer kernels and by something else first gets a copy for its kernels
+    (which then qualifies); without it such a node counts as convertible but the graph is left as is."""
     by_weight: dict[int, list[ir.Node]] = {}
     ok: set[int] = set()
-    for node in graph:
-        if is_dq(node) and node.inputs[0] is not None and node.inputs[0].is_initializer():
-            by_weight.setdefault(id(node.inputs[0]), []).append(node)
-            if _integer_kernel_weight(node):
-                ok.add(id(node))
+    for node in list(graph):
+        if not (is_dq(node) and node.inputs[0] is not None and node.inputs[0].is_initializer()):
+            continue
+        by_weight.setdefault(id(node.inputs[0]), []).append(node)
+        if not _int8_weight(node):
+            continue
+        uses = list(node.outputs[0].uses())
+        kernel = [u for u in uses if _kernel_use(u)]
+        if not kernel:
+            continue
+        if len(kernel) == len(uses) and not node.outputs[0].is_graph_output():
+            ok.add(id(node))
+        elif split:
+            twin = _split_kernel_uses(graph, node, kernel)
+            by_weight[id(node.inputs[0])].append(twin)
+            ok.add(id(twin))
+        else:
+            ok.add(id(node))
     chosen: list[ir.Node] = []
     for dqs in by_weight.values():
-        w = dqs[0].inputs[0]
-        assert w is not None
-        if all(id(dq) in ok for dq in dqs):  # another reader (a Gather of a tied table) keeps the int8 original
-            chosen.extend(dqs)
+        # another reader (a Gather of a tied table, a DQ kept for a Reshape) keeps the int8 original
+        chosen.extend(dq for dq in dqs if id(dq) in ok)
     return chosen
 
 
@@ -82,7 +110,7 @@ def int8_kernel_weights(model: ir.Model) -> int:
 def weights_to_uint8(model: ir.Model) -> int:
     """Store the int8 weights of ``model``'s 8-bit integer-kernel ops as uint8 (in place); returns how many."""
     graph = model.graph
-    chosen = _convertible(graph)
+    chosen = _convertible(graph, split=True)
     readers = {id(dq) for dq in chosen}
     done: dict[int, ir.Value] = {}
     converted: set[int] = set()
