@@ -190,7 +190,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from qdq.oneshot import quantize
 
     out = Path(args.output)
-    quantize(args.model, _config(args), args.calib_data, backend=args.backend, batch_size=args.batch_size,
+    final = quantize(args.model, _config(args), args.calib_data, backend=args.backend, batch_size=args.batch_size,
              num_samples=args.num_samples, calibrator=args.calibrator, output=out, progress=not args.quiet,
              image_size=args.image_size, mean=args.mean, std=args.std, deployment_target=args.deployment_target,
              compute_precision=args.compute_precision, input_names=args.input_names, output_names=args.output_names,
@@ -206,8 +206,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         fmt = kernel_format_for(ExportBackend.parse(args.backend), args.kernel_format)
         why = " (this CPU's U8S8 kernels saturate)" if fmt == "u8u8" and args.kernel_format == "auto" else ""
         note = f", {fmt} kernels{why}" if fmt else ""
+        ops = _quantized_ops(final)
+        if ops == 0:
+            note = ", nothing quantized: the same model"
+        elif ops is not None:
+            note = f", {ops} ops read quantized tensors{note}"
         print(f"wrote {out} ({size / 1e6:.2f} MB, backend {args.backend}{note})")
     return 0
+
+
+def _quantized_ops(final: Any) -> int | None:
+    """How many ops of an onnxruntime model read a DequantizeLinear output (None for other artifacts)."""
+    import onnx_ir as ir
+
+    if not isinstance(final, ir.Model):
+        return None
+    def from_dq(v: Any) -> bool:
+        producer = v.producer() if v is not None else None
+        return producer is not None and producer.op_type == "DequantizeLinear"
+
+    return len([n for n in final.graph if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                and any(from_dq(v) for v in n.inputs)])
 
 
 def _print_fallback(out: Path) -> Any:

@@ -256,6 +256,8 @@ class OutputMetrics:
     expected_agreement: float | None = None
     #: class scores: 90 % interval of the counted agreement under the same error level (:func:`agreement_interval`)
     agreement_range: tuple[float, float] | None = None
+    #: integer / bool outputs (ids, argmax, masks): the fraction of elements equal to FP32's
+    exact_match: float | None = None
 
 
 @dataclass(frozen=True)
@@ -290,8 +292,9 @@ class CompareReport:
         has_acc = any(o.fp32_accuracy is not None for o in self.outputs)
         has_nn = any(o.neighbour_agreement is not None for o in self.outputs)
         has_exp = any(o.expected_agreement is not None for o in self.outputs)
+        has_exact = any(o.exact_match is not None for o in self.outputs)
         head = ["output", "SQNR dB", "cosine", "top-1 agree"] + (["expected (90 % range)"] if has_exp else [])
-        head += ["max |diff|"] + (["NN agree"] if has_nn else [])
+        head += ["max |diff|"] + (["NN agree"] if has_nn else []) + (["equal"] if has_exact else [])
         head += ["FP32 acc", "quant acc", "delta"] if has_acc else []
         rows = []
         for o in self.outputs:
@@ -300,6 +303,7 @@ class CompareReport:
             row += [expected_text(o)] if has_exp else []
             row += [f"{o.max_abs_diff:.4g}"]
             row += [_fmt_pct(o.neighbour_agreement)] if has_nn else []
+            row += [_fmt_pct(o.exact_match)] if has_exact else []
             if has_acc:
                 delta = (None if o.fp32_accuracy is None or o.quant_accuracy is None
                          else o.quant_accuracy - o.fp32_accuracy)

@@ -126,6 +126,10 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
     if output is not None:
         check_output_path(output, inputs=external_locations(quantizer.float_model))
     check_backend_plan(quantizer.plan, backend, options, model=quantizer.float_model)
+    if not quantizer.plan.targets:
+        logger.warning("nothing to quantize: no tensor of this model matches the config (weights fed as graph inputs, "
+                       "or no op the config names); the output equals the input model. `qdq inspect MODEL` lists "
+                       "what the config matches")
     if output is not None and (torch_backend or Path(output).suffix in (".mlpackage", ".aimodel")):
         check_suffix(output, backend)
     if torch_backend:
@@ -163,6 +167,7 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
                                                "calibration_data to correct the biases weight rounding shifts)")
         elif calibration_data is not None:
             logger.info("the config quantizes no activation and corrects no bias: calibration data is not needed")
+            _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)  # checked
         quantizer.prepare()
         if batches is not None:
             quantizer.calibrate(batches, total=total, progress=progress)

@@ -316,6 +316,7 @@ class _Accumulators:
         self.sqnr = {a: Sqnr() for a, _ in pairs}
         self.cosine = {a: Cosine() for a, _ in pairs}
         self.agree = {a: Counter() for a, _ in pairs}
+        self.exact = {a: Counter() for a, _ in pairs}
         self.acc_fp = {a: Counter() for a, _ in pairs}
         self.acc_q = {a: Counter() for a, _ in pairs}
         self.neighbours = {a: NeighbourAgreement() for a, _ in pairs if a not in scores}
@@ -326,6 +327,13 @@ class _Accumulators:
     def update(self, ref: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], n: int,
                labels: np.ndarray | None) -> None:
         for a, b in self.pairs:
+            if ref[a].dtype.kind in "biu":  # ids, argmax, masks: how many elements are exactly equal
+                if ref[a].shape != test[b].shape:  # a data-dependent shape (NonZero): nothing matches
+                    self.exact[a].total += max(ref[a].size, test[b].size, 1)
+                    continue
+                self.exact[a].update(ref[a].ravel(), test[b].ravel())
+                self.sqnr[a].update(ref[a], test[b])
+                continue
             self.sqnr[a].update(ref[a], test[b])
             self.cosine[a].update(ref[a], test[b], n)
             if a not in self.scores:
@@ -355,7 +363,7 @@ class _Accumulators:
                 a, self.sqnr[a].db, self.sqnr[a].max_abs, self.agree[a].rate, self.acc_fp[a].rate,
                 self.acc_q[a].rate, self.cosine[a].mean, self.neighbours[a].rate if a in self.neighbours else None,
                 None if expected is None else expected[0] / 100,
-                None if expected is None else (expected[1][0] / 100, expected[1][1] / 100)))
+                None if expected is None else (expected[1][0] / 100, expected[1][1] / 100), self.exact[a].rate))
         return metrics
 
     def layer_metrics(self) -> list[LayerMetrics]:
@@ -363,9 +371,15 @@ class _Accumulators:
                       key=lambda m: m.sqnr_db)
 
 
-def _cut(outs: dict[str, np.ndarray], chunk: Chunk) -> dict[str, np.ndarray]:
-    """Drop the padded samples of a run (from tensors whose dim 0 is the batch)."""
-    return {k: chunk.unpad(v) for k, v in outs.items()}
+def _cut(outs: dict[str, Any], chunk: Chunk) -> dict[str, np.ndarray]:
+    """Drop the padded samples of a run (from tensors whose dim 0 is the batch). A sequence output (onnxruntime
+    returns a list of tensors) is compared as its tensors' values, flattened and joined."""
+    return {k: chunk.unpad(v) if isinstance(v, np.ndarray) else _joined(v) for k, v in outs.items()}
+
+
+def _joined(seq: Any) -> np.ndarray:
+    parts = [np.ravel(np.asarray(t)) for t in seq]
+    return np.concatenate(parts) if parts else np.empty((0,), np.float32)
 
 
 def _warn_if_saturating(model: onnx.ModelProto) -> None:

@@ -339,3 +339,28 @@ def test_signal_keeps_the_previous_output_and_leaves_no_temp_files(tmp_path, dig
     assert len(lines) == 1 and lines[0].startswith("qdq: error: interrupted"), rest  # one line, after the bar
     assert "Traceback" not in rest
     assert sorted(p.name for p in out_dir.iterdir()) == ["q.onnx"] and out.read_bytes() == b"previous result"
+
+
+def test_nothing_to_quantize_is_said(capsys, tmp_path) -> None:
+    """A model with no weight and no op the config quantizes (a Softmax) is written unchanged, and the summary and a
+    warning say so (it used to print a kernel format as if it were quantized); its data is still checked."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((4, 5), np.float32))
+    code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                 "--calib-data", str(tmp_path / "x.npy"), "--preset", "w8"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "nothing quantized: the same model" in out and "nothing to quantize" in err
+    np.save(tmp_path / "bad.npy", np.zeros((4, 7), np.float32))
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q2.onnx"),
+                        "--calib-data", str(tmp_path / "bad.npy"), "--preset", "w8")
+    assert code == 1 and "dim 1 must be 5" in err and not (tmp_path / "q2.onnx").exists()
+
+
+def test_summary_counts_quantized_ops(capsys, tmp_path, digits_onnx, calib_npy) -> None:
+    code = main(["quantize", str(digits_onnx), "-o", str(tmp_path / "q.onnx"), "--calib-data", str(calib_npy)])
+    assert code == 0 and " ops read quantized tensors" in capsys.readouterr().out

@@ -321,3 +321,27 @@ def test_neighbour_agreement_of_embeddings() -> None:
     scalar = NeighbourAgreement()
     scalar.update(np.zeros((4,), np.float32), np.zeros((4,), np.float32), 4)  # not an embedding: ignored
     assert scalar.rate is None
+
+
+def _with_extra_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` plus an int64 argmax output and a sequence output (SplitToSequence of y)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.node.extend([helper.make_node("ArgMax", ["y"], ["ids"], axis=1, keepdims=0, name="am"),
+                         helper.make_node("SplitToSequence", ["y"], ["seq"], axis=1, name="sts")])
+    m.graph.output.extend([helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]),
+                           helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)])
+    return m
+
+
+def test_integer_and_sequence_outputs(xs: np.ndarray) -> None:
+    """An int64 argmax output is compared element by element ('equal'; no cosine); a sequence output (a list of
+    tensors from onnxruntime) as its joined values: it used to be an internal AttributeError."""
+    report = compare(_with_extra_outputs(fp32_model()), _with_extra_outputs(quant_model()), xs, progress=False)
+    by = {o.name: o for o in report.outputs}
+    ref, q = reference(xs)["y"], reference(xs)["yq"]
+    assert by["ids"].exact_match == pytest.approx(np.mean(ref.argmax(1) == q.argmax(1)))
+    assert by["ids"].cosine is None and by["ids"].top1_agreement is None
+    assert by["seq"].sqnr_db == pytest.approx(manual_sqnr(ref, q), abs=0.05)
+    assert by["y"].exact_match is None
+    assert "equal" in report.format().splitlines()[1]

@@ -50,11 +50,12 @@ def _ms(x: float | None) -> str:
 
 
 def _output_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    exact = any(o.exact_match is not None for o in report.outputs)
     head = ["output", "SQNR dB", "cosine", "top-1 agreement", "expected agreement (90 % range)", "NN agreement",
-            "FP32 accuracy", "quant accuracy", "max |diff|"]
+            "FP32 accuracy", "quant accuracy", "max |diff|"] + (["elements equal"] if exact else [])
     rows = [[o.name, _db(o.sqnr_db), "-" if o.cosine is None else f"{o.cosine:.4f}", _pct(o.top1_agreement),
              expected_text(o), _pct(o.neighbour_agreement), _pct(o.fp32_accuracy), _pct(o.quant_accuracy),
-             f"{o.max_abs_diff:.4g}"]
+             f"{o.max_abs_diff:.4g}"] + ([_pct(o.exact_match)] if exact else [])
             for o in report.outputs]
     return head, rows
 
