@@ -85,6 +85,8 @@ def _upgraded_and_planned(model: ir.Model, config: QuantizerConfig) -> tuple[ir.
         upgraded = model.clone()  # never modify the caller's model
     NameFixPass()(upgraded)  # the plan names nodes: each needs a unique name
     plan = annotate(upgraded, config)
+    if _freeze_quantized_defaults(upgraded, plan):
+        plan = annotate(upgraded, config)
     targets = plan.targets.values()
     need = max(required_opset(t.spec for t in targets),
                21 if any(t.layout.block_size is not None for t in targets) else BASE_OPSET)
@@ -92,6 +94,32 @@ def _upgraded_and_planned(model: ir.Model, config: QuantizerConfig) -> tuple[ir.
         upgraded = upgrade_model(upgraded, need)
         plan = annotate(upgraded, config)
     return upgraded, plan
+
+
+_BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+def _freeze_quantized_defaults(model: ir.Model, plan: QuantPlan) -> bool:
+    """Graph inputs with a default value (an initializer of the same name, an IR < 4 export) that the plan quantizes,
+    or that a quantized op reads (a bias), become plain constants: a value fed at run time would bypass the
+    quantized copy. Whether any did."""
+    graph = model.graph
+    weights = {t.tensor for t in plan.targets.values() if t.kind != "activation"}
+    ops = {op for t in plan.targets.values() if t.kind == "weight" for op in t.ops}
+
+    def bias_of_quantized_op(v: ir.Value) -> bool:  # corrected and quantized with its weight
+        return bool(v.uses()) and all(u.node.name in ops and u.idx == 2 and u.node.op_type in _BIAS_OPS
+                                      for u in v.uses())
+
+    frozen = [v for v in graph.inputs if v.name in graph.initializers
+              and (v.name in weights or bias_of_quantized_op(v))]
+    if not frozen:
+        return False
+    for v in frozen:
+        graph.inputs.remove(v)
+    logger.warning("input(s) %s have default values (initializers) that are quantized as weights: the quantized "
+                   "model no longer takes them as inputs", ", ".join(v.name or "" for v in frozen))
+    return True
 
 
 class Quantizer:

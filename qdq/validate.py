@@ -293,7 +293,8 @@ def _labels(labels: Any, data: Any) -> np.ndarray | None:
 
 
 def _check_inputs(fp: ModelInputs, q: ModelInputs, data: Any) -> None:
-    if set(fp.names) != set(q.names):
+    dropped = set(fp.names) - set(q.names)  # defaults the quantized model froze as weights may be gone
+    if not set(q.names) <= set(fp.names) or any(not fp.by_name[n].optional for n in dropped):
         raise DataError(f"the FP32 model inputs ({', '.join(fp.names)}) differ from the quantized model inputs "
                         f"({', '.join(q.names)}); compare a model with its own quantized version")
     if fp.static_batch != q.static_batch:
@@ -466,7 +467,8 @@ def compare(
         if label_arr is not None and seen + n > len(label_arr):
             raise DataError(f"{len(label_arr)} labels but the data has more samples; give one label per sample")
         for chunk in iter_chunks(feeds, fp_in):
-            q_chunk = q_in.feeds(chunk.feeds, where)  # the quantized model's dtypes (usually the same arrays)
+            # the quantized model's dtypes (usually the same arrays); defaults it froze as weights are not fed
+            q_chunk = q_in.feeds({k: v for k, v in chunk.feeds.items() if k in q_in.by_name}, where)
             at = seen + chunk.start
             ref = _cut(dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=at))), chunk)
             test = _cut(dict(zip(q_fetch, run(q_sess, q_fetch, q_chunk, start=at))), chunk)
@@ -478,5 +480,6 @@ def compare(
         raise DataError("evaluation data is empty: no batches to compare; pass at least one sample")
     if label_arr is not None and not isinstance(data, DataSource) and seen != len(label_arr):
         raise DataError(f"{len(label_arr)} labels but {seen} samples; give one label per sample")
-    return CompareReport(seen, acc.outputs(), acc.layer_metrics(), [p.reference for p in skipped], level,
+    rows = data.rows_per_sample if isinstance(data, DataSource) else 1  # files of whole inputs: a sample is `rows`
+    return CompareReport(seen // rows, acc.outputs(), acc.layer_metrics(), [p.reference for p in skipped], level,
                          tuple(providers))

@@ -189,3 +189,28 @@ def test_small_external_constants_are_read_in(tmp_path) -> None:
     qdq.quantize(src, "int8", tmp_path / "x.npy", output=out, progress=False)
     report = qdq.compare(src, out, tmp_path / "x.npy", progress=False)
     assert report.outputs[0].sqnr_db > 25
+
+
+@pytest.mark.parametrize("preset", ["int8", "w4"])
+def test_weights_with_default_input_slots_are_frozen(tmp_path, preset, caplog) -> None:
+    """An IR<4-style model lists its Gemm weight and bias as graph inputs with defaults. Every preset quantizes them as
+    constants and drops them from the inputs, saying so (int8 kept them as inputs a fed value silently bypassed, fp8/w4
+    dropped them and compare then refused the pair); compare runs."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), "W")
+    b = onnx.numpy_helper.from_array(rng.normal(0, 0.3, (8,)).astype(np.float32), "B")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                               helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 8]),
+                               helper.make_tensor_value_info("B", TensorProto.FLOAT, [8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w, b])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    np.save(tmp_path / "x.npy", rng.standard_normal((16, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    qdq.quantize(src, preset, tmp_path / "x.npy", output=out, progress=False)
+    assert [i.name for i in onnx.load(out).graph.input] == ["x"]
+    assert "W, B have default values" in caplog.text
+    assert qdq.compare(src, out, tmp_path / "x.npy", progress=False).outputs[0].sqnr_db > 20

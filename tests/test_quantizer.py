@@ -180,8 +180,10 @@ def test_presets_run_in_onnxruntime_after_finalize(name, digits_onnx, digits_dat
         assert path.stat().st_size < fp32_size  # weights stored as integers / float8
 
 
-def test_bias_correction_reduces_error_and_is_exact_mean_shift(model_dir) -> None:
-    """A depthwise conv with few taps: weight rounding biases each channel's mean; correction removes it."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_correction_reduces_error_and_is_exact_mean_shift(model_dir, bias) -> None:
+    """A depthwise conv with few taps: weight rounding biases each channel's mean; correction removes it (a conv
+    without bias gets one)."""
     import dataclasses
 
     import torch
@@ -191,7 +193,7 @@ def test_bias_correction_reduces_error_and_is_exact_mean_shift(model_dir) -> Non
     from qdq.torch_export import export
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)).eval()
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=bias), nn.Conv2d(8, 4, 1, bias=bias)).eval()
     with torch.no_grad():
         net[0].weight.mul_(3.0)
     path = export(net, (torch.randn(2, 8, 12, 12),), model_dir / "dw.onnx")
@@ -207,6 +209,8 @@ def test_bias_correction_reduces_error_and_is_exact_mean_shift(model_dir) -> Non
         q.calibrate([x[:32], x[32:]], progress=False)
         out = q.run(x)[0]
         errs[on] = float(np.abs((out - fp).mean(axis=(0, 2, 3))).max())  # worst per-channel mean shift
+        convs = [n for n in q.qdq_model().graph if n.op_type == "Conv"]
+        assert all(len(n.inputs) == 3 for n in convs) == (bias or on)
     assert errs[True] < 0.25 * errs[False], errs
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from qdq.errors import DataError
 from qdq.model_inputs import fmt_shape
 
-__all__ = ["ARRAY_SUFFIXES", "Array", "MappedArray", "SingleSample", "UnbatchedInput", "UnbatchedValueError", "ZipStreamArray", "open_arrays"]
+__all__ = ["ARRAY_SUFFIXES", "Array", "MappedArray", "SingleSample", "StackedInputs", "UnbatchedInput", "UnbatchedValueError", "ZipStreamArray", "open_arrays"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,22 @@ class SingleSample:
         if stop <= start:
             return np.empty((0, *self.inner.shape), self.dtype)
         return self.inner.read(0, self.inner.shape[0])[None]
+
+
+class StackedInputs:
+    """A file of whole model inputs ``[samples, *input shape]`` for a model whose first dim is not a free batch (a
+    fixed ``(16,)`` vector, a ``(3, H, W)`` image without batch axis): a range of samples reads as their rows
+    joined along the model's first dim, one whole input per ``rows`` rows."""
+
+    def __init__(self, inner: Array) -> None:
+        self.inner = inner
+        self.rows = inner.shape[1]
+        self.shape: tuple[int, ...] = (inner.shape[0] * self.rows, *inner.shape[2:])
+        self.dtype = inner.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        block = np.asarray(self.inner.read(start, stop))
+        return block.reshape(-1, *block.shape[2:])
 
 
 class UnbatchedValueError(DataError):

@@ -9,6 +9,7 @@ integer/bool data as stored.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -22,6 +23,7 @@ from qdq.data.arrays import (
     Array,
     MappedArray,
     SingleSample,
+    StackedInputs,
     UnbatchedInput,
     UnbatchedValueError,
     open_arrays,
@@ -43,6 +45,15 @@ class _Chunk:
     path: Path
     count: int
     open: Callable[[], AbstractContextManager[dict[str, Array]]]
+    rows: int = 1  #: rows of the model's first dim per sample (> 1: the file holds whole inputs, StackedInputs)
+
+
+def _whole_inputs(shape: tuple[int, ...], model_shape: InputShape | None, static_batch: int | None) -> bool:
+    """A file array ``[samples, *input shape]`` for a model whose first dim is fixed above 1 (a vector without batch
+    axis, a static batch): one dim more than the model input, the rest equal to its fixed shape."""
+    if model_shape is None or static_batch is None or len(shape) != len(model_shape) + 1:
+        return False
+    return all(isinstance(d, int) and d == s for d, s in zip(model_shape, shape[1:]))
 
 
 def _is_single_sample(name: str, shape: tuple[int, ...], model_shape: InputShape | None, label: str) -> bool:
@@ -128,6 +139,7 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         counts: dict[str, int] = {}
         unbatched = signature.unbatched if signature is not None else set()
         per_sample: dict[str, bool] = {}  # unbatched inputs: one copy per sample (True) or one value (False)
+        stacked: dict[str, bool] = {}  # inputs saved as whole inputs, one per sample
         for name in keys:
             member = arrays[keys[name]]
             shape = member.shape
@@ -139,7 +151,15 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
                 if per_sample[name]:
                     counts[name] = shape[0]
                 continue
-            single = _is_single_sample(name, shape, shapes.get(name), str(path))
+            model_shape = shapes.get(name)
+            if signature is not None and _whole_inputs(shape, model_shape, signature.static_batch):
+                stacked[name] = True  # [samples, *input shape]: each sample is one whole run
+                singles[name] = False
+                samples[name] = shape[1:]
+                signature.check_array(name, member.dtype, shape[1:], str(path))
+                counts[name] = shape[0]
+                continue
+            single = _is_single_sample(name, shape, model_shape, str(path))
             singles[name] = single
             samples[name] = shape if single else shape[1:]
             if signature is not None:
@@ -152,8 +172,15 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
         raise DataError(f"{path}: inputs have different sample counts ({detail}); save the same number per input")
+    batched = [n for n in counts if n not in per_sample]
+    if stacked and len(stacked) != len(batched):
+        raise DataError(f"{path}: inputs {', '.join(stacked)} hold whole inputs per sample (one dim more than the "
+                        f"model input) but {', '.join(n for n in batched if n not in stacked)} do not; save every "
+                        "input the same way")
 
     def wrap(name: str, member: Array) -> Array:
+        if name in stacked:
+            return StackedInputs(member)
         if name in per_sample:
             return UnbatchedInput(member, name, per_sample=per_sample[name])
         if singles[name]:
@@ -165,7 +192,8 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         with open_arrays(path) as arrays:
             yield {n: wrap(n, arrays[keys[n]]) for n in keys}
 
-    return _Chunk(path, next(iter(counts.values()), 1), opener), samples
+    rows = signature.static_batch if stacked and signature is not None and signature.static_batch else 1
+    return _Chunk(path, next(iter(counts.values()), 1), opener, rows), samples
 
 
 def _text_chunk(path: Path, names: Sequence[str], tokenizer: str | Path | None, seq_len: int | None,
@@ -216,6 +244,13 @@ class DataSource:
         self.signature = signature
         self._chunks = list(chunks)
         self._len = sum(c.count for c in self._chunks)
+        rows = {c.rows for c in self._chunks}
+        if len(rows) > 1:
+            raise DataError(f"{path}: some files hold whole inputs per sample (one dim more than the model input) and "
+                            "some do not; save every file the same way")
+        #: rows of the model's first dim per sample: > 1 when the files hold whole inputs of a model whose first
+        #: dim is fixed (each sample then runs alone, as those rows)
+        self.rows_per_sample = rows.pop() if rows else 1
 
     def __len__(self) -> int:
         return self._len
@@ -245,6 +280,10 @@ class DataSource:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        static = self.signature.static_batch if self.signature is not None else None
+        if static and self.rows_per_sample == 1 and batch_size % static:
+            # the model runs `static` rows at a time: a batch that is not a multiple would be padded with copies
+            batch_size += static - batch_size % static
         pending: list[dict[str, np.ndarray]] = []
         filled = 0
         unbatched = self.signature.unbatched if self.signature is not None else set()
@@ -428,6 +467,6 @@ def _take(chunks: Sequence[_Chunk], n: int) -> list[_Chunk]:
     for c in chunks:
         if left <= 0:
             break
-        out.append(c if c.count <= left else _Chunk(c.path, left, c.open))
+        out.append(c if c.count <= left else dataclasses.replace(c, count=left))
         left -= c.count
     return out

@@ -30,10 +30,11 @@ def bias_correction_sites(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[s
     weight_keys = {t.tensor: k for k, t in plan.targets.items() if t.kind == "weight"}
     sites: dict[str, tuple[str, str, int]] = {}
     for node in model.graph:
-        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 2:
             continue
-        x, w, b = node.inputs[0], node.inputs[1], node.inputs[2]
-        if x is None or w is None or w.name not in weight_keys or b.const_value is None:
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 else None  # none: a zero bias gets the correction
+        if x is None or w is None or w.name not in weight_keys or (b is not None and b.const_value is None):
             continue
         trans_a: int = node.attributes.get_int("transA", 0)
         if node.op_type == "Gemm" and (trans_a or node.attributes.get_float("alpha", 1.0) != 1.0 or
@@ -72,10 +73,19 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             target, qp = self.plan.targets[key], self.qparams[self.plan.root(key)]
             w = self.plan_weight(model, target.tensor)
             wq = numerics.fake_quantize(w, qp.scale, qp.zero_point, target.spec.dtype, target.layout)
-            bias_value = node.inputs[2]
-            assert bias_value is not None and bias_value.const_value is not None
-            b = bias_value.const_value.numpy()
+            bias_value = node.inputs[2] if len(node.inputs) > 2 else None
             shift = _shift(node, (w - wq).astype(np.float64), mean.astype(np.float64))
+            if bias_value is None:  # the op had no bias: the correction is its bias
+                dtype = model.graph.initializers[target.tensor].const_value.dtype.numpy()  # type: ignore[union-attr]
+                new = ir.Value(name=f"{name}_bias_correction", type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+                               shape=ir.Shape(shift.shape), const_value=ir.tensor(shift.astype(dtype)))
+                model.graph.register_initializer(new)
+                node.resize_inputs(3)
+                node.replace_input_with(2, new)
+                done += 1
+                continue
+            assert bias_value.const_value is not None
+            b = bias_value.const_value.numpy()
             corrected = (b.astype(np.float32) + shift).astype(b.dtype)  # float16 models keep float16 biases
             if bias_value.uses() and len({u.node.name for u in bias_value.uses()}) > 1:
                 new = ir.Value(name=f"{bias_value.name}_corrected", type=ir.TensorType(bias_value.const_value.dtype),

@@ -135,7 +135,8 @@ def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = 
             if first_feeds is None:
                 first_feeds = chunk.feeds
             ref = dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=seen), strict=True))
-            test = dict(zip(q_fetch, run(q_sess, q_fetch, q_inputs.feeds(chunk.feeds), start=seen), strict=True))
+            q_feeds = q_inputs.feeds({k: v for k, v in chunk.feeds.items() if k in q_inputs.by_name})
+            test = dict(zip(q_fetch, run(q_sess, q_fetch, q_feeds, start=seen), strict=True))
             for ly in plan.layers:
                 want = chunk.unpad(ref[ly.output])
                 iso[ly.name].update(want, chunk.unpad(ref[ly.isolated]))
@@ -152,7 +153,7 @@ def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = 
     fp_ms = _profile(fp_proto, first_feeds, profile_runs)
     rows = [LayerRow(ly.name, ly.op_type, ly.output, iso[ly.name].db, acc[ly.name].db,
                      _match(ly, q_ms), _match(ly, fp_ms)) for ly in plan.layers]
-    return Report(_label(fp32_model), _label(quant_model), seen, summary.outputs, rows, plan.activations,
+    return Report(_label(fp32_model), _label(quant_model), summary.num_samples, summary.outputs, rows, plan.activations,
                   plan.skipped)
 
 
