@@ -144,6 +144,7 @@ class Quantizer:
         self.input_names = [v.name or "" for v in self.float_model.graph.inputs]
         self.output_names = [v.name or "" for v in self.float_model.graph.outputs]
         self._calculators: dict[str, QParamsCalculatorBase] = {}
+        self._input_ranges: dict[str, tuple[float, float]] = {}  #: float model inputs: min, max over calibration
         self._means: dict[str, ChannelMean] = {}
         self._bias_sites = bias_correction_sites(self.float_model, self.plan) if self.config.bias_correction else {}
         self._qparams: dict[str, QParams] = {}
@@ -443,6 +444,10 @@ class Quantizer:
         """Feed one calibration batch (checked against the model inputs before any session is built)."""
         inputs = model_inputs(self.float_model)
         feeds = inputs.feeds(batch, "calibration batch")
+        for name, x in feeds.items():  # a blank (constant) input is worth a warning after calibration
+            if x.size and x.dtype.kind == "f":
+                lo, hi = self._input_ranges.get(name, (np.inf, -np.inf))
+                self._input_ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
         if self._example_feeds is None:
             self._example_feeds = _example_slice(self.float_model, feeds)
         if self._runner is None:
@@ -478,12 +483,17 @@ class Quantizer:
         if not self._calculators:
             self.prepare()
         n = 0
+        self._input_ranges.clear()
         with self.calibration_mode():
             for batch in progress_bar(batches, total=total, desc="calibrating", disable=not progress, unit="batch"):
                 self._observe(batch)
                 n += 1
         if n == 0:
             raise DataError("calibration data is empty: pass at least one batch")
+        for name, (lo, hi) in self._input_ranges.items():
+            if lo == hi:
+                logger.warning("calibration input '%s' holds one value (%g) in every sample: activation ranges will "
+                               "not fit real inputs; check the data (blank arrays, wrong file)", name, lo)
         return n
 
     def _refresh_qparams(self) -> None:

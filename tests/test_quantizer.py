@@ -313,3 +313,14 @@ def test_batched_matmul_weight_keeps_blocks_and_drops_per_channel(name: str, blo
     (target,) = [t for t in q.plan.targets.values() if t.tensor == "w"]
     assert target.layout.block_size == block
     assert target.layout.axis == (1 if block else None)
+
+
+def test_blank_calibration_input_is_warned_about(digits_onnx, caplog) -> None:
+    """All-zero calibration data calibrates every activation range to nothing: one warning names the input."""
+    q = Quantizer(digits_onnx, "int8")
+    q.prepare()
+    q.calibrate([np.zeros((8, 1, 8, 8), np.float32)], progress=False)
+    assert "holds one value (0) in every sample" in caplog.text
+    caplog.clear()
+    q.calibrate([np.random.default_rng(0).random((8, 1, 8, 8), np.float32)], progress=False)
+    assert "holds one value" not in caplog.text
