@@ -132,6 +132,8 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
                        "what the config matches")
     if output is not None and (torch_backend or Path(output).suffix in (".mlpackage", ".aimodel")):
         check_suffix(output, backend)
+    elif output is not None and Path(output).suffix.lower() != ".onnx":
+        logger.warning("output %s does not end in .onnx; it is written as an ONNX model", output)
     if torch_backend:
         require_converter(backend)  # the converter's extra is installed (one line naming it if not)
     relevant = quantizer.relevant_algorithms()  # the others change nothing here (SmoothQuant on a CNN)
