@@ -254,7 +254,7 @@ def _evaluation_data(args: argparse.Namespace) -> tuple[Any, Any]:
                      tokenizer=args.tokenizer, seq_len=args.seq_len)
     labels: np.ndarray | None
     if args.labels:
-        labels = np.asarray(labels_from_file(args.labels))[: len(data)]
+        labels = np.asarray(labels_from_file(args.labels))[: len(data) * data.rows_per_sample]  # one per model row
     else:  # image folders named "<label>_..." carry their labels
         labels = image_labels(args.data, args.num_samples) if Path(args.data).is_dir() else None
     return data, labels

@@ -252,8 +252,9 @@ def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     """Required inputs with no sample axis: rank 0, and fixed-shape inputs beside a batch axis they cannot share.
 
     When some input's first dim is dynamic, every input whose dims are all fixed is unbatched (it cannot grow
-    with the batch). When every first dim is fixed but they differ, the batch is the first dim of the
-    highest-rank input (the first such); inputs whose first dim differs are unbatched.
+    with the batch). When every first dim is fixed but they differ, the batch is the first dim most inputs share
+    (on a tie 1, then that of the highest-rank input: ``input_ids (1, 8)`` beside a layers-first cache
+    ``(4, 1, 8, 16)`` has batch 1); inputs whose first dim differs are unbatched.
     """
     out = {s.name for s in required if s.shape == ()}
     ranked = [s for s in required if s.shape]
@@ -262,10 +263,15 @@ def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     fixed = [all(isinstance(d, int) and d > 0 for d in s.shape) for s in ranked]  # type: ignore[union-attr]
     if any(not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in ranked):  # type: ignore[index]
         return out | {s.name for s, f in zip(ranked, fixed) if f}
-    firsts = {s.shape[0] for s in ranked}  # type: ignore[index]
-    if len(firsts) > 1:
-        lead = max(ranked, key=lambda s: len(s.shape))  # type: ignore[arg-type]
-        out |= {s.name for s in ranked if s.shape[0] != lead.shape[0]}  # type: ignore[index]
+    by_first: dict[int, list[InputSpec]] = {}
+    for s in ranked:
+        by_first.setdefault(s.shape[0], []).append(s)  # type: ignore[index,arg-type]
+    if len(by_first) > 1:
+        def score(first: int) -> tuple[int, bool, int]:  # most inputs share it; then batch 1; then the highest rank
+            return len(by_first[first]), first == 1, max(len(s.shape) for s in by_first[first])  # type: ignore[arg-type]
+
+        batch = max(by_first, key=score)
+        out |= {s.name for s in ranked if s.shape[0] != batch}  # type: ignore[index]
     return out
 
 

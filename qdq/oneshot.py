@@ -265,5 +265,5 @@ def _batches(data: Any, quantizer: Quantizer, batch_size: int, num_samples: int 
         data = open_data(data, model_inputs(quantizer.float_model), image_size=image_size, mean=mean, std=std,
                          num_samples=num_samples, input_shapes=_input_shapes(quantizer.float_model), **(text or {}))
     if isinstance(data, DataSource):
-        return data.batches(batch_size), -(-len(data) // batch_size)
+        return data.batches(batch_size), -(-len(data) // data.effective_batch_size(batch_size))
     return data, (len(data) if hasattr(data, "__len__") else None)

@@ -100,9 +100,9 @@ _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
 def _freeze_quantized_defaults(model: ir.Model, plan: QuantPlan) -> bool:
-    """Graph inputs with a default value (an initializer of the same name, an IR < 4 export) that the plan quantizes,
-    or that a quantized op reads (a bias), become plain constants: a value fed at run time would bypass the
-    quantized copy. Whether any did."""
+    """Graph inputs with a default value (an initializer of the same name, as IR < 4 exports list every weight) that
+    the plan quantizes, or that a quantized op reads (a bias), become plain constants: a value fed at run time would
+    bypass the quantized copy. Whether any did."""
     graph = model.graph
     weights = {t.tensor for t in plan.targets.values() if t.kind != "activation"}
     ops = {op for t in plan.targets.values() if t.kind == "weight" for op in t.ops}

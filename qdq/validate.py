@@ -286,9 +286,12 @@ def _labels(labels: Any, data: Any) -> np.ndarray | None:
     arr = np.asarray(labels).reshape(-1)
     if arr.dtype.kind not in "iu":
         raise DataError(f"labels must be integers, got {arr.dtype}")
-    if isinstance(data, DataSource) and len(arr) != len(data) and not (
-            len(arr) == data.total_samples and len(arr) > len(data)):
-        raise DataError(f"{len(arr)} labels but {len(data)} samples in {data.path}; give one label per sample")
+    rows = data.rows_per_sample if isinstance(data, DataSource) else 1  # files of whole inputs: a label per row
+    if isinstance(data, DataSource) and len(arr) != len(data) * rows and not (
+            len(arr) == data.total_samples * rows and len(arr) > len(data) * rows):
+        what = f"{len(data)} samples" if rows == 1 else f"{len(data) * rows} rows ({len(data)} whole inputs of {rows})"
+        raise DataError(f"{len(arr)} labels but {what} in {data.path}; give one label per "
+                        f"{'sample' if rows == 1 else 'row'}")
     return arr.astype(np.int64)
 
 
@@ -451,7 +454,7 @@ def compare(
 
     if isinstance(data, DataSource):
         batches: Iterable[Any] = data.batches(batch_size)
-        total: int | None = -(-len(data) // batch_size)
+        total: int | None = -(-len(data) // data.effective_batch_size(batch_size))
     elif isinstance(data, np.ndarray) or hasattr(data, "detach"):
         batches, total = [data], 1
     else:

@@ -362,6 +362,10 @@ def test_unbatched_input_rule() -> None:
     static = ModelInputs([spec("pads", 8), spec("x", 1, 3, 6, 6), spec("m", 1, 6)])
     assert static.unbatched == {"pads"} and static.static_batch == 1
     assert ModelInputs([spec("a", 2, 3), spec("b", 2, 5)]).unbatched == set()
+    cache = ModelInputs([spec("input_ids", 1, 8), spec("past", 4, 1, 8, 16)])  # a layers-first cache: batch 1
+    assert cache.unbatched == {"past"} and cache.static_batch == 1
+    lstm = ModelInputs([spec("x", 10, 1, 64), spec("h0", 1, 1, 64), spec("c0", 1, 1, 64)])
+    assert lstm.unbatched == {"x"} and lstm.static_batch == 1
     assert ModelInputs([spec("ids", "N", "S"), spec("mask", "N", "S")]).unbatched == set()
 
 
@@ -428,3 +432,8 @@ def test_a_model_without_batch_axis_takes_whole_inputs(tmp_path: Path) -> None:
     single = [qdq.compare(model, out, tmp_path / "one.npy", progress=False, batch_size=b).outputs[0].sqnr_db
               for b in (16, 5, 4)]
     assert single[0] == single[1] == single[2]
+    labels = np.arange(8 * 16) % 4  # whole inputs: a label per row of the model's first dim
+    assert qdq.compare(model, out, tmp_path / "many.npy", labels=labels, progress=False).num_samples == 8
+    with pytest.raises(DataError, match=r"8 labels but 128 rows \(8 whole inputs of 16\)"):
+        qdq.compare(model, out, open_data(tmp_path / "many.npy", model_inputs(onnx.load(model))), labels=labels[:8],
+                    progress=False)

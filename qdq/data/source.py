@@ -272,6 +272,14 @@ class DataSource:
             return np.array(x, dtype=np.float32, order="C")
         return np.array(x, order="C")
 
+    def effective_batch_size(self, batch_size: int) -> int:
+        """The samples :meth:`batches` serves per batch for ``batch_size``: rounded up to a multiple of a static
+        model batch (the model runs that many rows at a time: others would be padded with copies)."""
+        static = self.signature.static_batch if self.signature is not None else None
+        if static and self.rows_per_sample == 1 and batch_size % static:
+            batch_size += static - batch_size % static
+        return batch_size
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield ``{input name: C-contiguous [n, ...]}`` with n = ``batch_size`` (the last may be smaller).
 
@@ -280,10 +288,7 @@ class DataSource:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        static = self.signature.static_batch if self.signature is not None else None
-        if static and self.rows_per_sample == 1 and batch_size % static:
-            # the model runs `static` rows at a time: a batch that is not a multiple would be padded with copies
-            batch_size += static - batch_size % static
+        batch_size = self.effective_batch_size(batch_size)
         pending: list[dict[str, np.ndarray]] = []
         filled = 0
         unbatched = self.signature.unbatched if self.signature is not None else set()

@@ -27,20 +27,29 @@ logger = logging.getLogger(__name__)
 
 def bias_correction_sites(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[str, str, int]]:
     """node name -> (weight target key, float input tensor, channel axis of the input) for correctable ops."""
-    weight_keys = {t.tensor: k for k, t in plan.targets.items() if t.kind == "weight"}
+    shared: dict[str, str] = {}  # tensor -> the target every reader not named by another one uses
+    own: dict[tuple[str, str], str] = {}  # (node, tensor) -> a reader's own target (a weight on several grids)
+    for k, t in plan.targets.items():
+        if t.kind != "weight":
+            continue
+        if t.uses is None:
+            shared.setdefault(t.tensor, k)
+        else:
+            own.update({(node, t.tensor): k for node, _ in t.uses})
     sites: dict[str, tuple[str, str, int]] = {}
     for node in model.graph:
         if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
         b = node.inputs[2] if len(node.inputs) > 2 else None  # none: a zero bias gets the correction
-        if x is None or w is None or w.name not in weight_keys or (b is not None and b.const_value is None):
+        key = own.get((node.name or "", w.name or ""), shared.get(w.name or "")) if w is not None else None
+        if x is None or key is None or (b is not None and b.const_value is None):
             continue
         trans_a: int = node.attributes.get_int("transA", 0)
         if node.op_type == "Gemm" and (trans_a or node.attributes.get_float("alpha", 1.0) != 1.0 or
                                        node.attributes.get_float("beta", 1.0) != 1.0):
             continue
-        sites[node.name or ""] = (weight_keys[w.name], x.name or "", 1)
+        sites[node.name or ""] = (key, x.name or "", 1)
     return sites
 
 
