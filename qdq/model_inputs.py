@@ -260,15 +260,17 @@ def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     ranked = [s for s in required if s.shape]
     if not ranked:
         return out
-    fixed = [all(isinstance(d, int) and d > 0 for d in s.shape) for s in ranked]  # type: ignore[union-attr]
-    if any(not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in ranked):  # type: ignore[index]
+    fixed = [all(isinstance(d, int) and d >= 0 for d in s.shape) for s in ranked]  # type: ignore[union-attr]
+    if any(not (isinstance(s.shape[0], int) and s.shape[0] >= 0) for s in ranked):  # type: ignore[index]
         return out | {s.name for s, f in zip(ranked, fixed) if f}
     by_first: dict[int, list[InputSpec]] = {}
     for s in ranked:
         by_first.setdefault(s.shape[0], []).append(s)  # type: ignore[index,arg-type]
     if len(by_first) > 1:
-        def score(first: int) -> tuple[int, bool, int]:  # most inputs share it; then batch 1; then the highest rank
-            return len(by_first[first]), first == 1, max(len(s.shape) for s in by_first[first])  # type: ignore[arg-type]
+        def score(first: int) -> tuple[bool, int, bool, int]:
+            # never an empty batch; most inputs share it; then batch 1; then the highest rank
+            return (first > 0, len(by_first[first]), first == 1,
+                    max(len(s.shape) for s in by_first[first]))  # type: ignore[arg-type]
 
         batch = max(by_first, key=score)
         out |= {s.name for s in ranked if s.shape[0] != batch}  # type: ignore[index]

@@ -169,7 +169,8 @@ def quantize(model: Any, config: Any = None, calibration_data: Any = None, *,
                                                "calibration_data to correct the biases weight rounding shifts)")
         elif calibration_data is not None:
             logger.info("the config quantizes no activation and corrects no bias: calibration data is not needed")
-            _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)  # checked
+            if quantizer.plan.targets:  # checked, as compare will (with nothing to quantize it is not read)
+                _batches(calibration_data, quantizer, batch_size, num_samples, image_size, mean, std, text)
         quantizer.prepare()
         if batches is not None:
             quantizer.calibrate(batches, total=total, progress=progress)

@@ -343,7 +343,8 @@ def test_signal_keeps_the_previous_output_and_leaves_no_temp_files(tmp_path, dig
 
 def test_nothing_to_quantize_is_said(capsys, tmp_path) -> None:
     """A model with no weight and no op the config quantizes (a Softmax) is written unchanged, and the summary and a
-    warning say so (it used to print a kernel format as if it were quantized); its data is still checked."""
+    warning say so (it used to print a kernel format as if it were quantized). Data a config does not need is still
+    checked when there is something to quantize."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g",
@@ -356,7 +357,12 @@ def test_nothing_to_quantize_is_said(capsys, tmp_path) -> None:
     out, err = capsys.readouterr()
     assert code == 0 and "nothing quantized: the same model" in out and "nothing to quantize" in err
     np.save(tmp_path / "bad.npy", np.zeros((4, 7), np.float32))
-    code, _, err = _run(capsys, "quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q2.onnx"),
+    w = onnx.numpy_helper.from_array(np.ones((5, 5), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "mm.onnx")
+    code, _, err = _run(capsys, "quantize", str(tmp_path / "mm.onnx"), "-o", str(tmp_path / "q2.onnx"),
                         "--calib-data", str(tmp_path / "bad.npy"), "--preset", "w8")
     assert code == 1 and "dim 1 must be 5" in err and not (tmp_path / "q2.onnx").exists()
 

@@ -366,6 +366,8 @@ def test_unbatched_input_rule() -> None:
     assert cache.unbatched == {"past"} and cache.static_batch == 1
     lstm = ModelInputs([spec("x", 10, 1, 64), spec("h0", 1, 1, 64), spec("c0", 1, 1, 64)])
     assert lstm.unbatched == {"x"} and lstm.static_batch == 1
+    empty_axes = ModelInputs([spec("data", 3, 2, 2), spec("axes", 0)])  # a zero-size input is fixed, never the batch
+    assert empty_axes.unbatched == {"axes"} and empty_axes.static_batch == 3
     assert ModelInputs([spec("ids", "N", "S"), spec("mask", "N", "S")]).unbatched == set()
 
 
