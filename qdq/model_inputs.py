@@ -142,7 +142,8 @@ class ModelInputs(Sequence[InputSpec]):
         if spec.shape is None:
             return
         full = tuple(shape) if batched else (None, *shape)
-        if name in self.unbatched and tuple(shape) != tuple(spec.shape):
+        if name in self.unbatched and (len(shape) != len(spec.shape) or any(
+                isinstance(w, int) and w != d for d, w in zip(shape, spec.shape))):
             raise DataError(f"{where}: input '{name}' has no batch axis (model shape {fmt_shape(spec.shape)}): it takes "
                             f"one value for the whole run, but got {fmt_shape(tuple(shape))}; pass that one "
                             f"{fmt_shape(spec.shape)} value with every batch")
@@ -251,8 +252,8 @@ def _kind(dtype: np.dtype) -> str:
 def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     """Required inputs with no sample axis: rank 0, and fixed-shape inputs beside a batch axis they cannot share.
 
-    When some input's first dim is dynamic, every input whose dims are all fixed is unbatched (it cannot grow
-    with the batch). When every first dim is fixed but they differ, the batch is the first dim most inputs share
+    When some input's first dim is dynamic, every input whose first dim is fixed is unbatched (it cannot grow
+    with the batch: ``position_ids (1, S)`` beside ``input_ids (N, S)``). When every first dim is fixed but they differ, the batch is the first dim most inputs share
     (on a tie 1, then that of the highest-rank input: ``input_ids (1, 8)`` beside a layers-first cache
     ``(4, 1, 8, 16)`` has batch 1); inputs whose first dim differs are unbatched.
     """
@@ -260,9 +261,9 @@ def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     ranked = [s for s in required if s.shape]
     if not ranked:
         return out
-    fixed = [all(isinstance(d, int) and d >= 0 for d in s.shape) for s in ranked]  # type: ignore[union-attr]
     if any(not (isinstance(s.shape[0], int) and s.shape[0] >= 0) for s in ranked):  # type: ignore[index]
-        return out | {s.name for s, f in zip(ranked, fixed) if f}
+        # a fixed first dim cannot grow with the batch: position_ids (1, S) beside input_ids (N, S)
+        return out | {s.name for s in ranked if isinstance(s.shape[0], int) and s.shape[0] >= 0}  # type: ignore[index]
     by_first: dict[int, list[InputSpec]] = {}
     for s in ranked:
         by_first.setdefault(s.shape[0], []).append(s)  # type: ignore[index,arg-type]

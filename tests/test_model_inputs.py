@@ -366,6 +366,8 @@ def test_unbatched_input_rule() -> None:
     assert cache.unbatched == {"past"} and cache.static_batch == 1
     lstm = ModelInputs([spec("x", 10, 1, 64), spec("h0", 1, 1, 64), spec("c0", 1, 1, 64)])
     assert lstm.unbatched == {"x"} and lstm.static_batch == 1
+    hf = ModelInputs([spec("input_ids", "N", "S"), spec("position_ids", 1, "S")])  # a broadcast (1, S) row
+    assert hf.unbatched == {"position_ids"} and hf.static_batch is None
     empty_axes = ModelInputs([spec("data", 3, 2, 2), spec("axes", 0)])  # a zero-size input is fixed, never the batch
     assert empty_axes.unbatched == {"axes"} and empty_axes.static_batch == 3
     assert ModelInputs([spec("ids", "N", "S"), spec("mask", "N", "S")]).unbatched == set()
@@ -439,3 +441,35 @@ def test_a_model_without_batch_axis_takes_whole_inputs(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"8 labels but 128 rows \(8 whole inputs of 16\)"):
         qdq.compare(model, out, open_data(tmp_path / "many.npy", model_inputs(onnx.load(model))), labels=labels[:8],
                     progress=False)
+
+
+def test_position_ids_row_beside_a_dynamic_batch(tmp_path: Path) -> None:
+    """Hugging Face layout: input_ids (N, S) and position_ids (1, S). position_ids is saved once (1, S) or as a row per
+    sample (samples, S); both quantize and compare alike (neither could be fed before)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (50, 16)).astype(np.float32), "tok"),
+             numpy_helper.from_array(rng.normal(0, 1, (12, 16)).astype(np.float32), "pos"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "W")]
+    graph = helper.make_graph([helper.make_node("Gather", ["tok", "input_ids"], ["t"]),
+                               helper.make_node("Gather", ["pos", "position_ids"], ["p"]),
+                               helper.make_node("Add", ["t", "p"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])],
+                              "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"]),
+                                    helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "S"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])], inits)
+    model = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "lm.onnx")
+    ids = rng.integers(0, 50, (10, 12)).astype(np.int64)
+    np.savez(tmp_path / "one.npz", input_ids=ids, position_ids=np.arange(12, dtype=np.int64)[None])
+    np.savez(tmp_path / "rows.npz", input_ids=ids, position_ids=np.tile(np.arange(12, dtype=np.int64), (10, 1)))
+    out = tmp_path / "q.onnx"
+    qdq.quantize(model, "int8", tmp_path / "rows.npz", output=out, progress=False, batch_size=4)
+    got = [qdq.compare(model, out, tmp_path / f, progress=False, batch_size=4) for f in ("one.npz", "rows.npz")]
+    assert [r.num_samples for r in got] == [10, 10]
+    assert got[0].outputs[0].sqnr_db == got[1].outputs[0].sqnr_db > 30
+
+
+def test_num_samples_inside_a_static_batch_is_rounded_up(tmp_path: Path) -> None:
+    """A (16) vector model fed one (16) vector: --num-samples 4 used to calibrate on 4 values padded with copies of
+    themselves (a 5.5 dB model); it now takes the whole static batch."""
+    model = _save(_vector_model(), tmp_path / "vec.onnx")
+    np.save(tmp_path / "one.npy", np.random.default_rng(1).standard_normal(16).astype(np.float32))
+    assert len(open_data(tmp_path / "one.npy", model_inputs(onnx.load(model)), num_samples=4)) == 16

@@ -90,13 +90,14 @@ class UnbatchedInput:
     """An input the model takes whole with every run, with no sample axis (a scalar temperature, a fixed ``pads``
     vector): its one value, fed unchanged with every batch.
 
-    ``per_sample``: the file holds one copy per sample (``[samples, *shape]``); every range read must then hold
-    the same value, since one run takes one.
+    ``per_sample``: the file holds one copy per sample (``[samples, *shape]``, or with ``row`` ``[samples, ...]``
+    for a model shape ``(1, ...)``); every range read must then hold the same value, since one run takes one.
     """
 
-    def __init__(self, inner: Array, name: str, *, per_sample: bool = False) -> None:
-        self.inner, self.name, self.per_sample = inner, name, per_sample
-        self.shape: tuple[int, ...] = tuple(inner.shape[1:] if per_sample else inner.shape)
+    def __init__(self, inner: Array, name: str, *, per_sample: bool = False, row: bool = False) -> None:
+        self.inner, self.name, self.per_sample, self.row = inner, name, per_sample, row
+        self.shape: tuple[int, ...] = tuple((1, *inner.shape[1:]) if row else inner.shape[1:] if per_sample
+                                            else inner.shape)
         self.dtype = inner.dtype
         self._value: np.ndarray | None = None
 
@@ -107,7 +108,7 @@ class UnbatchedInput:
                 raise UnbatchedValueError(f"input '{self.name}' has no batch axis (model shape {fmt_shape(self.shape)}), so one run "
                                 f"takes one value, but samples {start}..{stop - 1} differ; give every sample the same "
                                 "value, or use batch size 1")
-            return rows[0]
+            return rows[:1] if self.row else rows[0]
         if self._value is None:
             inner = self.inner
             whole = inner.shape[0] if inner.shape else 1  # a 0-d compressed member reads as one row

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,13 +82,22 @@ def _is_single_sample(name: str, shape: tuple[int, ...], model_shape: InputShape
     )
 
 
-def _unbatched_layout(name: str, shape: tuple[int, ...], model_shape: InputShape | None, label: str) -> bool:
-    """How a file holds an unbatched input: its one value (False) or one copy per sample (True)."""
+def _fits(shape: Sequence[int], model_shape: Sequence[Any]) -> bool:
+    """``shape`` has the model shape's rank and its fixed dims (dynamic ones match anything)."""
+    return len(shape) == len(model_shape) and all(not isinstance(w, int) or w == d for d, w in zip(shape, model_shape))
+
+
+def _unbatched_layout(name: str, shape: tuple[int, ...], model_shape: InputShape | None, label: str) -> str:
+    """How a file holds an unbatched input: its one value ("one"), one copy per sample ("sample":
+    ``[samples, *shape]``) or, for a model shape ``(1, ...)``, one row per sample ("row": ``position_ids`` saved
+    ``(samples, S)`` for a ``(1, S)`` input)."""
     want = tuple(model_shape or ())
-    if shape == want:
-        return False
-    if shape[1:] == want and shape:
-        return True
+    if _fits(shape, want):
+        return "one"
+    if shape and _fits(shape[1:], want):
+        return "sample"
+    if want and want[0] == 1 and len(shape) == len(want) and _fits(shape[1:], want[1:]):
+        return "row"
     what = "is a scalar (rank 0)" if not want else f"has no batch axis (model shape {fmt_shape(want)})"
     value = "0-d" if not want else fmt_shape(want)
     raise DataError(f"{label}: model input '{name}' {what}, one value for every run, but the file has "
@@ -138,17 +148,17 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         samples: dict[str, tuple[int, ...]] = {}
         counts: dict[str, int] = {}
         unbatched = signature.unbatched if signature is not None else set()
-        per_sample: dict[str, bool] = {}  # unbatched inputs: one copy per sample (True) or one value (False)
+        per_sample: dict[str, str] = {}  # unbatched inputs: their layout in the file (_unbatched_layout)
         stacked: dict[str, bool] = {}  # inputs saved as whole inputs, one per sample
         for name in keys:
             member = arrays[keys[name]]
             shape = member.shape
             if name in unbatched:
                 per_sample[name] = _unbatched_layout(name, shape, shapes.get(name), str(path))
-                samples[name] = shape[1:] if per_sample[name] else shape
+                samples[name] = {"one": shape, "sample": shape[1:], "row": (1, *shape[1:])}[per_sample[name]]
                 assert signature is not None
                 signature.check_array(name, member.dtype, samples[name], str(path))
-                if per_sample[name]:
+                if per_sample[name] != "one":
                     counts[name] = shape[0]
                 continue
             model_shape = shapes.get(name)
@@ -182,7 +192,7 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         if name in stacked:
             return StackedInputs(member)
         if name in per_sample:
-            return UnbatchedInput(member, name, per_sample=per_sample[name])
+            return UnbatchedInput(member, name, per_sample=per_sample[name] != "one", row=per_sample[name] == "row")
         if singles[name]:
             return SingleSample(member) if samples[name] else UnbatchedInput(member, name)
         return member
@@ -414,6 +424,10 @@ def open_data(
     if total == 0:
         raise DataError(f"{role} data is empty: {path} has 0 samples; save at least one sample")
     if num_samples is not None:
+        static = signature.static_batch if signature is not None else None
+        if static and chunks and chunks[0].rows == 1 and num_samples % static:
+            # rows of a static batch run together: a cut inside one would pad it with copies of its first rows
+            num_samples += static - num_samples % static
         chunks = _take(chunks, num_samples)
         if num_samples > total:
             logger.warning("%s data %s has %d samples, fewer than the %d requested: using all", role, path, total,

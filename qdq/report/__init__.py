@@ -116,8 +116,8 @@ def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = 
     analysed = restored_fp8_pairs(q_proto)  # float8 activations finalized as casts: analysed as the Q/DQ pairs
     plan = plan_layers(_same_opset(fp_proto, analysed), analysed)
     if not plan.layers:
-        raise ModelError("the quantized model has no quantized layer (no node reads a DequantizeLinear); "
-                         "pass a model written by qdq quantize")
+        raise ModelError("the quantized model has no quantized layer (no node reads a DequantizeLinear): nothing in "
+                         "it was quantized, so there is no layer to report; `qdq compare` still compares the outputs")
     acts = {a.tensor: a for a in plan.activations}
     fp_fetch = list(dict.fromkeys([ly.output for ly in plan.layers] + [ly.isolated for ly in plan.layers] + list(acts)))
     q_fetch = list(dict.fromkeys(ly.output for ly in plan.layers))
