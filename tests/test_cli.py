@@ -63,6 +63,7 @@ def test_quantize_with_yaml_config(capsys, tmp_path, digits_onnx, calib_npy) -> 
 @pytest.mark.parametrize("yaml_text, needle", [
     ("global_cfg: {}\n", "unknown config key"),
     ("op_name_configs:\n  node_Conv_99: null\n", "matches no node in the model; close matches"),
+    ("op_name_configs:\n  'node_Conv[': null\n", "not a valid regular expression (unterminated character set"),
     ("op_type_configs:\n  Convolution: null\n", "matches no op type"),
     ("global_config:\n  op_input_spec:\n    '*': {dtype: int9}\n", "int9"),
     ("global_config: [1\n", "not valid YAML"),

@@ -77,14 +77,15 @@ class _ConfigResolver:
                 self.by_name[key] = cfg
                 continue
             pattern = None
+            bad_regex = ""
             if _REGEX_CHARS.search(key):
                 try:
                     pattern = re.compile(key)
-                except re.error:
-                    pattern = None
+                except re.error as exc:
+                    bad_regex = f", and it is not a valid regular expression ({exc}; escape the characters with \\)"
             if pattern is None or not any(pattern.fullmatch(n) for n in names):
                 close = difflib.get_close_matches(key, names, n=3)
-                hint = f"; close matches: {', '.join(close)}" if close else ""
+                hint = f"{bad_regex}; close matches: {', '.join(close)}" if close else bad_regex
                 raise ConfigError(
                     f"op_name_configs key '{key}' matches no node in the model{hint} "
                     "(list node names with: qdq inspect MODEL.onnx)"
