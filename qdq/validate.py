@@ -261,6 +261,17 @@ def _score_outputs(model: onnx.ModelProto) -> set[str]:
     return {o.name for o in model.graph.output if producers.get(o.name) not in _FEATURE_OPS}
 
 
+#: ops whose output's last axis is features: a [N, S, classes] output they write holds per-token scores
+_LINEAR_HEADS = frozenset({"MatMul", "Gemm", "Add", "MatMulInteger", "MatMulIntegerToFloat"})
+
+
+def _token_score_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs written by a linear head (MatMul, Gemm, bias Add): [N, S, vocab] logits of an LM, a token
+    classifier or CTC, whose per-token top-1 is compared."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {o.name for o in model.graph.output if producers.get(o.name) in _LINEAR_HEADS}
+
+
 def _value_names(model: onnx.ModelProto) -> set[str]:
     graph = model.graph
     return {v.name for v in graph.input} | {o for n in graph.node for o in n.output}
@@ -314,9 +325,10 @@ class _Accumulators:
     """Every running metric of one comparison."""
 
     def __init__(self, pairs: Sequence[tuple[str, str]], probes: Sequence[QuantizedActivation],
-                 scores: set[str]) -> None:
+                 scores: set[str], token_scores: set[str] | frozenset[str] = frozenset()) -> None:
         self.pairs = list(pairs)
         self.scores = scores
+        self.token_scores = token_scores  #: [N, S, classes] outputs: top-1 agreement per token
         self.sqnr = {a: Sqnr() for a, _ in pairs}
         self.cosine = {a: Cosine() for a, _ in pairs}
         self.agree = {a: Counter() for a, _ in pairs}
@@ -342,6 +354,9 @@ class _Accumulators:
             self.cosine[a].update(ref[a], test[b], n)
             if a not in self.scores:
                 self.neighbours[a].update(ref[a], test[b], n)
+                continue
+            if ref[a].ndim == 3 and a in self.token_scores and ref[a].shape[-1] > 1 and ref[a].dtype.kind == "f":
+                self.agree[a].update(ref[a].argmax(-1), test[b].argmax(-1))  # per token
                 continue
             top_r, top_q = top1(ref[a]), top1(test[b])
             if top_r is None or top_q is None:
@@ -450,7 +465,7 @@ def compare(
     label_arr = _labels(labels, data)
     fp_fetch = list(dict.fromkeys(fp_out + [p.reference for p in probes]))
     q_fetch = list(dict.fromkeys(q_out + [p.quantized for p in probes]))
-    acc = _Accumulators(pairs, probes, _score_outputs(fp.graph()))
+    acc = _Accumulators(pairs, probes, _score_outputs(fp.graph()), _token_score_outputs(fp.graph()))
 
     if isinstance(data, DataSource):
         batches: Iterable[Any] = data.batches(batch_size)
