@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt = q.add_argument_group("accuracy target: leave the fewest ops float until it holds (writes OUT.fallback.yaml)")
     tgts = tgt.add_mutually_exclusive_group()
     tgts.add_argument("--target-agreement", type=float, default=None, metavar="PCT",
-                      help="top-1 agreement with FP32 in %% (class-score outputs), e.g. 99.5")
+                      help="top-1 agreement with FP32 in %% (class scores; per token for [N, S, vocab] logits), e.g. 99.5")
     tgts.add_argument("--target-sqnr", type=float, default=None, metavar="DB", help="output SQNR vs FP32 in dB")
     tgts.add_argument("--target-cosine", type=float, default=None, metavar="C", help="mean output cosine vs FP32")
     tgt.add_argument("--holdout", type=int, default=256, metavar="N",

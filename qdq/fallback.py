@@ -46,7 +46,7 @@ from qdq.backends import ExportBackend
 from qdq.config import ModuleQuantizerConfig, QuantizerConfig
 from qdq.dtypes import QDType
 from qdq.errors import ConfigError, DataError
-from qdq.metrics import expected_agreement, sqnr_db
+from qdq.metrics import LINEAR_HEADS, expected_agreement, sqnr_db
 from qdq.model_inputs import model_inputs
 from qdq.passes.annotate import config_resolver
 from qdq.progress import progress_bar
@@ -104,6 +104,8 @@ class FallbackResult:
 
 def _score(metric: str, ref: np.ndarray, out: np.ndarray) -> float:
     if metric == "agreement":  # the lower of the count and the estimate for new samples (no overfitting to ties)
+        if ref.ndim == 3:  # [N, S, vocab] logits: per token
+            ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
         return min(float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100), expected_agreement(ref, out))
     if metric == "sqnr":
         return sqnr_db(ref, out)
@@ -125,9 +127,11 @@ class _Evaluator:
         self.inputs = model_inputs(quantizer.float_model)  # static batches run in chunks of the model's batch
         # the float model before rounding: GPTQ / AdaRound moved the weights of quantizer.float_model
         ref = self._outputs(make_session(quantizer.reference_model(), label="FP32 model"))
-        if metric == "agreement" and (ref.ndim != 2 or ref.shape[-1] < 2):
-            raise ConfigError(f"--target-agreement needs class scores [N, classes] as the first output (got shape "
-                              f"{list(ref.shape)}); use --target-sqnr or --target-cosine")
+        first = quantizer.float_model.graph.outputs[0].producer()
+        token_logits = ref.ndim == 3 and first is not None and first.op_type in LINEAR_HEADS
+        if metric == "agreement" and (not (ref.ndim == 2 or token_logits) or ref.shape[-1] < 2):
+            raise ConfigError(f"--target-agreement needs class scores [N, classes] (or token logits [N, S, vocab]) as "
+                              f"the first output (got shape {list(ref.shape)}); use --target-sqnr or --target-cosine")
         self.ref = ref
 
     def _outputs(self, session: Any) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from qdq.errors import ModelError
 
-__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "ScoreSample",
+__all__ = ["LINEAR_HEADS", "CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "ScoreSample",
            "Sqnr", "agreement_estimate", "agreement_interval", "expected_agreement", "flip_probabilities",
            "neighbour_agreement", "sqnr_db", "top1"]
 
@@ -61,6 +61,10 @@ class Sqnr:
     @property
     def db(self) -> float:
         return _db(self.signal, self.noise)
+
+
+#: ops whose output's last axis is features: a [N, S, classes] graph output they write holds per-token scores
+LINEAR_HEADS = frozenset({"MatMul", "Gemm", "Add", "MatMulInteger", "MatMulIntegerToFloat"})
 
 
 def top1(x: np.ndarray) -> np.ndarray | None:

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from qdq.data import DataSource, open_data
 from qdq.errors import DataError, ModelError, first_line
 from qdq.metrics import (
+    LINEAR_HEADS,
     CompareReport,
     Cosine,
     Counter,
@@ -261,15 +262,11 @@ def _score_outputs(model: onnx.ModelProto) -> set[str]:
     return {o.name for o in model.graph.output if producers.get(o.name) not in _FEATURE_OPS}
 
 
-#: ops whose output's last axis is features: a [N, S, classes] output they write holds per-token scores
-_LINEAR_HEADS = frozenset({"MatMul", "Gemm", "Add", "MatMulInteger", "MatMulIntegerToFloat"})
-
-
 def _token_score_outputs(model: onnx.ModelProto) -> set[str]:
     """Graph outputs written by a linear head (MatMul, Gemm, bias Add): [N, S, vocab] logits of an LM, a token
     classifier or CTC, whose per-token top-1 is compared."""
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    return {o.name for o in model.graph.output if producers.get(o.name) in _LINEAR_HEADS}
+    return {o.name for o in model.graph.output if producers.get(o.name) in LINEAR_HEADS}
 
 
 def _value_names(model: onnx.ModelProto) -> set[str]:
