@@ -46,7 +46,7 @@ from qdq.backends import ExportBackend
 from qdq.config import ModuleQuantizerConfig, QuantizerConfig
 from qdq.dtypes import QDType
 from qdq.errors import ConfigError, DataError
-from qdq.metrics import LINEAR_HEADS, expected_agreement, sqnr_db
+from qdq.metrics import expected_agreement, is_linear_head, sqnr_db
 from qdq.model_inputs import model_inputs
 from qdq.passes.annotate import config_resolver
 from qdq.progress import progress_bar
@@ -128,7 +128,9 @@ class _Evaluator:
         # the float model before rounding: GPTQ / AdaRound moved the weights of quantizer.float_model
         ref = self._outputs(make_session(quantizer.reference_model(), label="FP32 model"))
         first = quantizer.float_model.graph.outputs[0].producer()
-        token_logits = ref.ndim == 3 and first is not None and first.op_type in LINEAR_HEADS
+        token_logits = ref.ndim == 3 and first is not None and is_linear_head(first.op_type, [
+            v.producer().op_type if v is not None and v.producer() is not None else None  # type: ignore[union-attr]
+            for v in first.inputs])
         if metric == "agreement" and (not (ref.ndim == 2 or token_logits) or ref.shape[-1] < 2):
             raise ConfigError(f"--target-agreement needs class scores [N, classes] (or token logits [N, S, vocab]) as "
                               f"the first output (got shape {list(ref.shape)}); use --target-sqnr or --target-cosine")

@@ -18,9 +18,9 @@ import numpy as np
 
 from qdq.errors import ModelError
 
-__all__ = ["LINEAR_HEADS", "CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "ScoreSample",
+__all__ = ["CompareReport", "Cosine", "Counter", "LayerMetrics", "NeighbourAgreement", "OutputMetrics", "ScoreSample",
            "Sqnr", "agreement_estimate", "agreement_interval", "expected_agreement", "flip_probabilities",
-           "neighbour_agreement", "sqnr_db", "top1"]
+           "is_linear_head", "neighbour_agreement", "sqnr_db", "top1"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,13 @@ class Sqnr:
 
 
 #: ops whose output's last axis is features: a [N, S, classes] graph output they write holds per-token scores
-LINEAR_HEADS = frozenset({"MatMul", "Gemm", "Add", "MatMulInteger", "MatMulIntegerToFloat"})
+LINEAR_HEADS = frozenset({"MatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFloat"})
+
+
+def is_linear_head(op_type: str | None, input_ops: Sequence[str | None]) -> bool:
+    """Whether an op writes a linear layer's output: a MatMul/Gemm, or the bias Add after a MatMul (``input_ops``:
+    the op types producing its inputs)."""
+    return op_type in LINEAR_HEADS or (op_type == "Add" and any(op in LINEAR_HEADS for op in input_ops))
 
 
 def top1(x: np.ndarray) -> np.ndarray | None:

@@ -32,7 +32,6 @@ import onnxruntime as ort
 from qdq.data import DataSource, open_data
 from qdq.errors import DataError, ModelError, first_line
 from qdq.metrics import (
-    LINEAR_HEADS,
     CompareReport,
     Cosine,
     Counter,
@@ -41,6 +40,7 @@ from qdq.metrics import (
     OutputMetrics,
     ScoreSample,
     Sqnr,
+    is_linear_head,
     sqnr_db,
     top1,
 )
@@ -265,8 +265,14 @@ def _score_outputs(model: onnx.ModelProto) -> set[str]:
 def _token_score_outputs(model: onnx.ModelProto) -> set[str]:
     """Graph outputs written by a linear head (MatMul, Gemm, bias Add): [N, S, vocab] logits of an LM, a token
     classifier or CTC, whose per-token top-1 is compared."""
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    return {o.name for o in model.graph.output if producers.get(o.name) in LINEAR_HEADS}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def op(name: str) -> str | None:
+        node = producers.get(name)
+        return node.op_type if node is not None else None
+
+    return {o.name for o in model.graph.output if o.name in producers
+            and is_linear_head(op(o.name), [op(i) for i in producers[o.name].input])}
 
 
 def _value_names(model: onnx.ModelProto) -> set[str]:
