@@ -225,8 +225,9 @@ def _quantized_ops(final: Any) -> int | None:
         producer = v.producer() if v is not None else None
         return producer is not None and producer.op_type == "DequantizeLinear"
 
+    integer_ops = ("MatMulIntegerToFloat", "MatMulInteger", "ConvInteger")  # fused: they read integers directly
     return len([n for n in final.graph if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                and any(from_dq(v) for v in n.inputs)])
+                and (n.op_type in integer_ops or n.op_type.startswith("QLinear") or any(from_dq(v) for v in n.inputs))])
 
 
 def _print_fallback(out: Path) -> Any:

@@ -53,6 +53,7 @@ from qdq.progress import progress_bar
 from qdq.quantizer import Quantizer
 from qdq.session import make_session, run_batched
 from qdq.spec import PerChannelGranularity, QuantizationSpec
+from qdq.validate import token_mask
 
 __all__ = ["METRICS", "FallbackResult", "search_fallback"]
 
@@ -102,11 +103,25 @@ class FallbackResult:
         return head + ops + speed + f" ({self.evaluations} evaluations)"
 
 
+def _op_of(value: Any) -> str | None:
+    """The op type producing ``value`` ("Constant" for an initializer, None for a graph input)."""
+    if value is None:
+        return None
+    producer = value.producer()
+    return producer.op_type if producer is not None else "Constant" if value.const_value is not None else None
+
+
+#: rows of token logits the expected agreement is estimated on (evenly spaced; the count uses every token)
+_ESTIMATE_ROWS = 1024
+
+
 def _score(metric: str, ref: np.ndarray, out: np.ndarray) -> float:
     if metric == "agreement":  # the lower of the count and the estimate for new samples (no overfitting to ties)
         if ref.ndim == 3:  # [N, S, vocab] logits: per token
             ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
-        return min(float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100), expected_agreement(ref, out))
+        counted = float(np.mean(ref.argmax(-1) == out.argmax(-1)) * 100)
+        rows = np.linspace(0, len(ref) - 1, min(len(ref), _ESTIMATE_ROWS)).astype(np.int64)
+        return min(counted, expected_agreement(ref[rows], out[rows]))
     if metric == "sqnr":
         return sqnr_db(ref, out)
     r = ref.reshape(len(ref), -1).astype(np.float64)
@@ -128,18 +143,27 @@ class _Evaluator:
         # the float model before rounding: GPTQ / AdaRound moved the weights of quantizer.float_model
         ref = self._outputs(make_session(quantizer.reference_model(), label="FP32 model"))
         first = quantizer.float_model.graph.outputs[0].producer()
-        token_logits = ref.ndim == 3 and first is not None and is_linear_head(first.op_type, [
-            v.producer().op_type if v is not None and v.producer() is not None else None  # type: ignore[union-attr]
-            for v in first.inputs])
+        token_logits = ref.ndim == 3 and first is not None and is_linear_head(first.op_type, [_op_of(v) for v in
+                                                                                             first.inputs])
         if metric == "agreement" and (not (ref.ndim == 2 or token_logits) or ref.shape[-1] < 2):
             raise ConfigError(f"--target-agreement needs class scores [N, classes] (or token logits [N, S, vocab]) as "
                               f"the first output (got shape {list(ref.shape)}); use --target-sqnr or --target-cosine")
         self.ref = ref
+        # token logits: the padding positions of the samples (attention_mask) are left out of the agreement
+        masks = [m for b in self.batches if (m := token_mask(b, self.inputs.batch_len(b) or 0)) is not None]
+        joined = np.concatenate([m.reshape(-1) for m in masks]) if masks and len(masks) == len(self.batches) else None
+        self.mask = joined if ref.ndim == 3 and joined is not None and joined.size == ref.shape[0] * ref.shape[1] else None
 
     def _outputs(self, session: Any) -> np.ndarray:
         name = session.get_outputs()[0].name
-        return np.concatenate([np.asarray(run_batched(session, b, self.inputs, [name])[0], np.float32)
-                               for b in self.batches])
+        outs = [np.asarray(run_batched(session, b, self.inputs, [name])[0], np.float32) for b in self.batches]
+        if len({o.shape[1:] for o in outs}) > 1 and all(o.ndim >= 2 for o in outs):
+            outs = [o.reshape(-1, o.shape[-1]) for o in outs]  # batches of different lengths: joined by row
+        try:
+            return np.concatenate(outs)
+        except ValueError as exc:
+            raise DataError(f"the search samples give first outputs of different shapes ({outs[0].shape}, ...) that "
+                            "cannot be joined; give calibration batches of one shape") from exc
 
     @staticmethod
     def _session(quantizer: Quantizer) -> Any:
@@ -151,7 +175,11 @@ class _Evaluator:
         in steps of one sample)."""
         self.count += 1
         out = self._outputs(self._session(quantizer))
-        return _score(self.metric, self.ref, out), _score("sqnr", self.ref, out)
+        ref = self.ref
+        if self.metric == "agreement" and self.mask is not None:
+            ref, out_rows = ref.reshape(-1, ref.shape[-1])[self.mask], out.reshape(-1, out.shape[-1])[self.mask]
+            return _score(self.metric, ref, out_rows), _score("sqnr", self.ref, out)
+        return _score(self.metric, ref, out), _score("sqnr", ref, out)
 
     def seconds(self, quantizer: Quantizer, repeats: int = 5) -> float:
         session = self._session(quantizer)

@@ -68,9 +68,12 @@ LINEAR_HEADS = frozenset({"MatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFlo
 
 
 def is_linear_head(op_type: str | None, input_ops: Sequence[str | None]) -> bool:
-    """Whether an op writes a linear layer's output: a MatMul/Gemm, or the bias Add after a MatMul (``input_ops``:
-    the op types producing its inputs)."""
-    return op_type in LINEAR_HEADS or (op_type == "Add" and any(op in LINEAR_HEADS for op in input_ops))
+    """Whether an op writes a linear layer's output: a MatMul/Gemm, or the bias Add of a constant to a MatMul's output
+    (``input_ops``: the op types producing its inputs, "Constant" for an initializer; a residual Add is not one)."""
+    if op_type in LINEAR_HEADS:
+        return True
+    return op_type == "Add" and len(input_ops) == 2 and sorted(
+        "linear" if op in LINEAR_HEADS else op or "" for op in input_ops) == ["Constant", "linear"]
 
 
 def top1(x: np.ndarray) -> np.ndarray | None:

@@ -266,10 +266,11 @@ def _token_score_outputs(model: onnx.ModelProto) -> set[str]:
     """Graph outputs written by a linear head (MatMul, Gemm, bias Add): [N, S, vocab] logits of an LM, a token
     classifier or CTC, whose per-token top-1 is compared."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    constants = {t.name for t in model.graph.initializer}
 
     def op(name: str) -> str | None:
         node = producers.get(name)
-        return node.op_type if node is not None else None
+        return node.op_type if node is not None else "Constant" if name in constants else None
 
     return {o.name for o in model.graph.output if o.name in producers
             and is_linear_head(op(o.name), [op(i) for i in producers[o.name].input])}
@@ -332,6 +333,7 @@ class _Accumulators:
         self.pairs = list(pairs)
         self.scores = scores
         self.token_scores = token_scores  #: [N, S, classes] outputs: top-1 agreement per token
+        self._warned_labels: set[str] = set()
         self.sqnr = {a: Sqnr() for a, _ in pairs}
         self.cosine = {a: Cosine() for a, _ in pairs}
         self.agree = {a: Counter() for a, _ in pairs}
@@ -344,7 +346,7 @@ class _Accumulators:
         self.layers = [Sqnr() for _ in probes]
 
     def update(self, ref: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], n: int,
-               labels: np.ndarray | None) -> None:
+               labels: np.ndarray | None, mask: np.ndarray | None = None) -> None:
         for a, b in self.pairs:
             if ref[a].dtype.kind in "biu":  # ids, argmax, masks: how many elements are exactly equal
                 if ref[a].shape != test[b].shape:  # a data-dependent shape (NonZero): nothing matches
@@ -359,7 +361,12 @@ class _Accumulators:
                 self.neighbours[a].update(ref[a], test[b], n)
                 continue
             if ref[a].ndim == 3 and a in self.token_scores and ref[a].shape[-1] > 1 and ref[a].dtype.kind == "f":
-                self.agree[a].update(ref[a].argmax(-1), test[b].argmax(-1))  # per token
+                top_r, top_q = ref[a].argmax(-1), test[b].argmax(-1)  # per token; padding positions left out
+                keep = mask if mask is not None and mask.shape == top_r.shape else np.ones(top_r.shape, bool)
+                self.agree[a].update(top_r[keep], top_q[keep])
+                if labels is not None and a not in self._warned_labels:
+                    self._warned_labels.add(a)
+                    logger.warning("output '%s' holds token logits: labels (one per sample) are not compared", a)
                 continue
             top_r, top_q = top1(ref[a]), top1(test[b])
             if top_r is None or top_q is None:
@@ -391,6 +398,14 @@ class _Accumulators:
     def layer_metrics(self) -> list[LayerMetrics]:
         return sorted((LayerMetrics(p.reference, s.db, s.max_abs, p.node) for p, s in zip(self.probes, self.layers)),
                       key=lambda m: m.sqnr_db)
+
+
+def token_mask(feeds: Mapping[str, np.ndarray], n: int) -> np.ndarray | None:
+    """The real (non-padding) token positions of a batch: its ``attention_mask`` [n, S] as bool, if it has one."""
+    mask = feeds.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return None
+    return np.asarray(mask[:n]) != 0
 
 
 def _cut(outs: dict[str, Any], chunk: Chunk) -> dict[str, np.ndarray]:
@@ -494,7 +509,7 @@ def compare(
             ref = _cut(dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=at))), chunk)
             test = _cut(dict(zip(q_fetch, run(q_sess, q_fetch, q_chunk, start=at))), chunk)
             chunk_labels = None if label_arr is None else label_arr[at:at + chunk.real]
-            acc.update(ref, test, chunk.real, chunk_labels)
+            acc.update(ref, test, chunk.real, chunk_labels, token_mask(chunk.feeds, chunk.real))
             del ref, test
         seen += n
     if seen == 0:

@@ -363,3 +363,34 @@ def test_token_logits_get_per_token_agreement(tmp_path: Path) -> None:
     report = compare(fp, q, x, progress=False)
     ref, test = next(run_model(fp, [x]))["logits"], next(run_model(q, [x]))["logits"]
     assert report.outputs[0].top1_agreement == pytest.approx(np.mean(ref.argmax(-1) == test.argmax(-1)))
+
+
+def test_token_agreement_leaves_out_padding_and_residual_outputs(tmp_path: Path) -> None:
+    """Padding positions (attention_mask 0) do not count in per-token agreement; a residual Add's [N, S, D] output
+    is not token logits (no agreement figure)."""
+    import qdq
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"]),
+                               helper.make_node("Add", ["logits", "x"], ["resid"]),
+                               helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+                               helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+                               helper.make_node("Mul", ["logits", "m3"], ["masked"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 8]),
+                               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "S"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", 8]),
+                               helper.make_tensor_value_info("resid", TensorProto.FLOAT, ["N", "S", 8])],
+                              [w, numpy_helper.from_array(np.array([2], np.int64), "axis")])
+    fp = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), fp)
+    x = rng.standard_normal((6, 5, 8)).astype(np.float32)
+    mask = np.ones((6, 5), np.int64)
+    mask[:, 3:] = 0
+    q = qdq.quantize(fp, "w4", [{"x": x, "attention_mask": mask}], progress=False)
+    report = compare(fp, q, [{"x": x, "attention_mask": mask}], progress=False)
+    by = {o.name: o for o in report.outputs}
+    ref, test = (next(run_model(m, [{"x": x, "attention_mask": mask}]))["logits"] for m in (fp, q))
+    keep = mask != 0
+    assert by["logits"].top1_agreement == pytest.approx(np.mean(ref.argmax(-1)[keep] == test.argmax(-1)[keep]))
+    assert by["resid"].top1_agreement is None

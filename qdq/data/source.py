@@ -424,11 +424,13 @@ def open_data(
     if total == 0:
         raise DataError(f"{role} data is empty: {path} has 0 samples; save at least one sample")
     if num_samples is not None:
+        take = num_samples
         static = signature.static_batch if signature is not None else None
-        if static and chunks and chunks[0].rows == 1 and num_samples % static:
-            # rows of a static batch run together: a cut inside one would pad it with copies of its first rows
-            num_samples += static - num_samples % static
-        chunks = _take(chunks, num_samples)
+        if role == "calibration" and static and chunks and chunks[0].rows == 1 and take % static:
+            # rows of a static batch run together: a cut inside one would calibrate on copies of its first rows
+            take += static - take % static
+            logger.info("%d calibration samples rounded up to %d, a multiple of the model's batch", num_samples, take)
+        chunks = _take(chunks, take)
         if num_samples > total:
             logger.warning("%s data %s has %d samples, fewer than the %d requested: using all", role, path, total,
                            num_samples)

@@ -82,7 +82,8 @@ class _ConfigResolver:
                 try:
                     pattern = re.compile(key)
                 except re.error as exc:
-                    bad_regex = f", and it is not a valid regular expression ({exc}; escape the characters with \\)"
+                    bad_regex = (f", and it is not a valid regular expression ({exc}; write a pattern like "
+                                 "'.*MatMul.*', or escape the special characters with \\)")
             if pattern is None or not any(pattern.fullmatch(n) for n in names):
                 close = difflib.get_close_matches(key, names, n=3)
                 hint = f"{bad_regex}; close matches: {', '.join(close)}" if close else bad_regex
