@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +63,32 @@ def sigint_for_children() -> Iterator[None]:
     finally:
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture()
+def token_lm(tmp_path: Path):
+    """A factory of tiny ONNX "LMs": x [N, S, 16] -> (MatMul -> Relu ->) MatMul -> logits [N, S, vocab]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def make(vocab: int = 12, hidden: int | None = None) -> Path:
+        rng = np.random.default_rng(0)
+        dims = [16, *([hidden] if hidden else []), vocab]
+        weights = [numpy_helper.from_array(rng.normal(0, 0.5, (a, b)).astype(np.float32), f"W{i}")
+                   for i, (a, b) in enumerate(itertools.pairwise(dims))]
+        nodes, x = [], "x"
+        for i, w in enumerate(weights):
+            out = "logits" if i == len(weights) - 1 else f"h{i}"
+            nodes.append(helper.make_node("MatMul", [x, w.name], [out]))
+            if out != "logits":
+                nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+                out = f"r{i}"
+            x = out
+        graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", vocab])],
+                                  weights)
+        path = tmp_path / f"lm_{vocab}_{hidden}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+        return path
+
+    return make

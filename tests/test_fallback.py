@@ -180,37 +180,19 @@ def test_unreachable_target_takes_the_fewest_ops_that_get_closest() -> None:
     assert sorted(_fewest(list(gains), 93.0, trial, progress=False)[0]) == ["b"]  # reachable: as before
 
 
-def test_agreement_target_on_token_logits(tmp_path: Path) -> None:
+def test_agreement_target_on_token_logits(token_lm) -> None:
     """[N, S, vocab] logits from a linear head: --target-agreement counts per token (it refused them)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.normal(0, 0.5, (16, 32)).astype(np.float32), "W1")
-    w2 = numpy_helper.from_array(rng.normal(0, 0.5, (32, 12)).astype(np.float32), "W2")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-                               helper.make_node("MatMul", ["r", "W2"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", 12])], [w1, w2])
-    path = tmp_path / "lm.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     calib = [rng.standard_normal((8, 6, 16)).astype(np.float32) for _ in range(2)]
     r = []
-    qdq.quantize(path, "w4", calib, progress=False, target_agreement=99.9, on_fallback=r.append)
+    qdq.quantize(token_lm(hidden=32), "w4", calib, progress=False, target_agreement=99.9, on_fallback=r.append)
     assert r[0].reached and r[0].after >= 99.9 > r[0].before
 
 
-def test_agreement_target_on_batches_of_different_lengths(tmp_path: Path) -> None:
+def test_agreement_target_on_batches_of_different_lengths(token_lm) -> None:
     """Token logits from batches of different sequence lengths are joined token by token (a raw ValueError before)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(0, 0.5, (16, 12)).astype(np.float32), "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", 12])], [w])
-    path = tmp_path / "lm.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     calib = [rng.standard_normal((4, s, 16)).astype(np.float32) for s in (6, 4, 6, 4)]
     r = []
-    qdq.quantize(path, "w4", calib, progress=False, target_agreement=99.0, on_fallback=r.append)
+    qdq.quantize(token_lm(), "w4", calib, progress=False, target_agreement=99.0, on_fallback=r.append)
     assert r[0].reached

@@ -347,18 +347,12 @@ def test_integer_and_sequence_outputs(xs: np.ndarray) -> None:
     assert "equal" in report.format().splitlines()[1]
 
 
-def test_token_logits_get_per_token_agreement(tmp_path: Path) -> None:
+def test_token_logits_get_per_token_agreement(token_lm) -> None:
     """[N, S, vocab] logits from a linear head (an LM, a token classifier, CTC): top-1 agreement per token."""
     import qdq
 
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(0, 0.5, (16, 6)).astype(np.float32), "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", 6])], [w])
-    fp = tmp_path / "lm.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), fp)
-    x = rng.standard_normal((12, 5, 16)).astype(np.float32)
+    fp = token_lm(vocab=6)
+    x = np.random.default_rng(0).standard_normal((12, 5, 16)).astype(np.float32)
     q = qdq.quantize(fp, "w4", [x], progress=False)
     report = compare(fp, q, x, progress=False)
     ref, test = next(run_model(fp, [x]))["logits"], next(run_model(q, [x]))["logits"]
