@@ -253,9 +253,10 @@ def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     """Required inputs with no sample axis: rank 0, and fixed-shape inputs beside a batch axis they cannot share.
 
     When some input's first dim is dynamic, every input whose first dim is fixed is unbatched (it cannot grow
-    with the batch: ``position_ids (1, S)`` beside ``input_ids (N, S)``). When every first dim is fixed but they differ, the batch is the first dim most inputs share
-    (on a tie 1, then that of the highest-rank input: ``input_ids (1, 8)`` beside a layers-first cache
-    ``(4, 1, 8, 16)`` has batch 1); inputs whose first dim differs are unbatched.
+    with the batch: ``position_ids (1, S)`` beside ``input_ids (N, S)``). When every first dim is fixed but they
+    differ, the batch is the first input's first dim (``input_ids (1, 8)`` beside a layers-first cache
+    ``(4, 1, 8, 16)``, or an image ``(1, 4, 8, 8)`` beside ``gamma (4, 1, 1)``: batch 1); inputs whose first dim
+    differs are unbatched.
     """
     out = {s.name for s in required if s.shape == ()}
     ranked = [s for s in required if s.shape]
@@ -264,17 +265,12 @@ def _unbatched(required: Sequence[InputSpec]) -> set[str]:
     if any(not (isinstance(s.shape[0], int) and s.shape[0] >= 0) for s in ranked):  # type: ignore[index]
         # a fixed first dim cannot grow with the batch: position_ids (1, S) beside input_ids (N, S)
         return out | {s.name for s in ranked if isinstance(s.shape[0], int) and s.shape[0] >= 0}  # type: ignore[index]
-    by_first: dict[int, list[InputSpec]] = {}
-    for s in ranked:
-        by_first.setdefault(s.shape[0], []).append(s)  # type: ignore[index,arg-type]
-    if len(by_first) > 1:
-        def score(first: int) -> tuple[bool, int, bool, int]:
-            # never an empty batch; most inputs share it; then batch 1; then the highest rank
-            return (first > 0, len(by_first[first]), first == 1,
-                    max(len(s.shape) for s in by_first[first]))  # type: ignore[arg-type]
-
-        batch = max(by_first, key=score)
-        out |= {s.name for s in ranked if s.shape[0] != batch}  # type: ignore[index]
+    firsts = [s.shape[0] for s in ranked]  # type: ignore[index]
+    if len(set(firsts)) > 1:
+        # the first input is the data (x, input_ids): its first dim is the batch; side inputs (a cache, norm
+        # parameters, rotary tables) are fed whole. A zero-size input is never the batch.
+        batch = next((d for d in firsts if d), firsts[0])
+        out |= {s.name for s, d in zip(ranked, firsts) if d != batch}
     return out
 
 

@@ -359,16 +359,18 @@ def test_unbatched_input_rule() -> None:
         return InputSpec(name, ir.DataType.FLOAT, tuple(shape))
 
     assert ModelInputs([spec("x", "N", 3), spec("pads", 8), spec("t")]).unbatched == {"pads", "t"}
-    static = ModelInputs([spec("pads", 8), spec("x", 1, 3, 6, 6), spec("m", 1, 6)])
+    static = ModelInputs([spec("x", 1, 3, 6, 6), spec("pads", 8), spec("m", 1, 6)])
     assert static.unbatched == {"pads"} and static.static_batch == 1
+    film = ModelInputs([spec("x", 1, 4, 8, 8), spec("gamma", 4, 1, 1), spec("beta", 4, 1, 1)])  # the data comes first
+    assert film.unbatched == {"gamma", "beta"} and film.static_batch == 1
+    norm = ModelInputs([spec("X", 2, 3, 4, 5), spec("scale", 3), spec("B", 3), spec("mean", 3), spec("var", 3)])
+    assert norm.unbatched == {"scale", "B", "mean", "var"} and norm.static_batch == 2
     assert ModelInputs([spec("a", 2, 3), spec("b", 2, 5)]).unbatched == set()
     cache = ModelInputs([spec("input_ids", 1, 8), spec("past", 4, 1, 8, 16)])  # a layers-first cache: batch 1
     assert cache.unbatched == {"past"} and cache.static_batch == 1
-    lstm = ModelInputs([spec("x", 10, 1, 64), spec("h0", 1, 1, 64), spec("c0", 1, 1, 64)])
-    assert lstm.unbatched == {"x"} and lstm.static_batch == 1
     hf = ModelInputs([spec("input_ids", "N", "S"), spec("position_ids", 1, "S")])  # a broadcast (1, S) row
     assert hf.unbatched == {"position_ids"} and hf.static_batch is None
-    empty_axes = ModelInputs([spec("data", 3, 2, 2), spec("axes", 0)])  # a zero-size input is fixed, never the batch
+    empty_axes = ModelInputs([spec("axes", 0), spec("data", 3, 2, 2)])  # a zero-size input is fixed, never the batch
     assert empty_axes.unbatched == {"axes"} and empty_axes.static_batch == 3
     assert ModelInputs([spec("ids", "N", "S"), spec("mask", "N", "S")]).unbatched == set()
 
