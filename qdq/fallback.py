@@ -150,9 +150,11 @@ class _Evaluator:
                               f"the first output (got shape {list(ref.shape)}); use --target-sqnr or --target-cosine")
         self.ref = ref
         # token logits: the padding positions of the samples (attention_mask) are left out of the agreement
-        masks = [m for b in self.batches if (m := token_mask(b, self.inputs.batch_len(b) or 0)) is not None]
-        joined = np.concatenate([m.reshape(-1) for m in masks]) if masks and len(masks) == len(self.batches) else None
-        self.mask = joined if ref.ndim == 3 and joined is not None and joined.size == ref.shape[0] * ref.shape[1] else None
+        self.mask: np.ndarray | None = None
+        masks = [token_mask(b, self.inputs.batch_len(b) or 0) for b in self.batches]
+        if metric == "agreement" and ref.ndim == 3 and all(m is not None for m in masks):
+            joined = np.concatenate([m.reshape(-1) for m in masks if m is not None])
+            self.mask = joined if joined.size == ref.shape[0] * ref.shape[1] else None
 
     def _outputs(self, session: Any) -> np.ndarray:
         name = session.get_outputs()[0].name
@@ -175,11 +177,10 @@ class _Evaluator:
         in steps of one sample)."""
         self.count += 1
         out = self._outputs(self._session(quantizer))
-        ref = self.ref
-        if self.metric == "agreement" and self.mask is not None:
-            ref, out_rows = ref.reshape(-1, ref.shape[-1])[self.mask], out.reshape(-1, out.shape[-1])[self.mask]
-            return _score(self.metric, ref, out_rows), _score("sqnr", self.ref, out)
-        return _score(self.metric, ref, out), _score("sqnr", ref, out)
+        ref, test = self.ref, out
+        if self.mask is not None:  # token logits without their padding positions
+            ref, test = (a.reshape(-1, a.shape[-1])[self.mask] for a in (ref, out))
+        return _score(self.metric, ref, test), _score("sqnr", self.ref, out)
 
     def seconds(self, quantizer: Quantizer, repeats: int = 5) -> float:
         session = self._session(quantizer)

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from qdq.errors import DataError, ModelError, first_line
 
-__all__ = ["Chunk", "Dim", "InputSpec", "ModelInputs", "first_samples", "fmt_shape", "is_float", "iter_chunks", "join_outputs", "model_inputs"]
+__all__ = ["Chunk", "Dim", "InputSpec", "ModelInputs", "first_samples", "fits", "fmt_shape", "is_float", "iter_chunks", "join_outputs", "model_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ class ModelInputs(Sequence[InputSpec]):
         if spec.shape is None:
             return
         full = tuple(shape) if batched else (None, *shape)
-        if name in self.unbatched and (len(shape) != len(spec.shape) or any(
-                isinstance(w, int) and w != d for d, w in zip(shape, spec.shape))):
+        if name in self.unbatched and not fits(shape, spec.shape):
             raise DataError(f"{where}: input '{name}' has no batch axis (model shape {fmt_shape(spec.shape)}): it takes "
                             f"one value for the whole run, but got {fmt_shape(tuple(shape))}; pass that one "
                             f"{fmt_shape(spec.shape)} value with every batch")
@@ -195,13 +194,16 @@ class ModelInputs(Sequence[InputSpec]):
                                 f"{want.name}; check the data")
         return np.asarray(arr.astype(want), order="C")
 
-    def feeds(self, batch: Any, where: str = "the batch") -> dict[str, np.ndarray]:
+    def feeds(self, batch: Any, where: str = "the batch", *, known_only: bool = False) -> dict[str, np.ndarray]:
         """Normalise a batch (array, tuple/list in input order, dict by name, torch tensors) to checked feeds.
 
         A tuple maps to the required inputs (or to every input when it has that many). Optional
         inputs may be left out; missing required inputs, unknown names, mismatched dtype kinds,
-        ranks or static dims raise one DataError line.
+        ranks or static dims raise one DataError line. ``known_only``: a dict's names this model does not take
+        are dropped (another model's feeds: a quantized model froze a default-valued input as a weight).
         """
+        if isinstance(batch, Mapping) and known_only:
+            batch = {k: v for k, v in batch.items() if k in self.by_name}
         if isinstance(batch, Mapping):
             names = [str(k) for k in batch]
             self.check_names(names, where)
@@ -237,6 +239,11 @@ class ModelInputs(Sequence[InputSpec]):
         n = self.batch_len(feeds)
         return {k: v[start:stop] if v.ndim and v.shape[0] == n and k not in self.unbatched else v
                 for k, v in feeds.items()}
+
+
+def fits(shape: Sequence[int], model_shape: Sequence[Dim]) -> bool:
+    """``shape`` has the model shape's rank and its fixed dims (dynamic ones match anything)."""
+    return len(shape) == len(model_shape) and all(not isinstance(w, int) or w == d for d, w in zip(shape, model_shape))
 
 
 def is_float(dtype: np.dtype) -> bool:

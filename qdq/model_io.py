@@ -77,12 +77,12 @@ def load_model(model: Any) -> ir.Model:
         path = Path(model)
         proto = _read_proto(path)
         check_proto(proto, source=str(path), base_dir=path.parent, path=path)
+        inline_small_external(proto, path.parent)
         try:
             loaded = ir.serde.deserialize_model(proto)
         except Exception as exc:
             raise ModelError(f"{path} is not a readable ONNX model ({first_line(exc)}); re-export it") from exc
         ir.external_data.set_base_dir(loaded.graph, str(path.parent))
-        _inline_small_external(loaded)
         return loaded
     raise ModelError(f"expected a model path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
@@ -92,17 +92,8 @@ def load_model(model: Any) -> ir.Model:
 INLINE_EXTERNAL_MAX_BYTES = 4096
 
 
-def _inline_small_external(model: ir.Model) -> None:
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= INLINE_EXTERNAL_MAX_BYTES:
-            value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
-
-
-def inline_small_external(proto: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> bool:
-    """Read the small external initializers of ``proto`` (see :data:`INLINE_EXTERNAL_MAX_BYTES`) into it, in place;
-    whether any was."""
-    changed = False
+def inline_small_external(proto: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> None:
+    """Read the small external initializers of ``proto`` (see :data:`INLINE_EXTERNAL_MAX_BYTES`) into it, in place."""
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -112,8 +103,6 @@ def inline_small_external(proto: onnx.ModelProto, base_dir: str | os.PathLike[st
             load_external_data_for_tensor(tensor, str(base_dir))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
-            changed = True
-    return changed
 
 
 def to_proto(model: Any) -> onnx.ModelProto:

@@ -362,8 +362,9 @@ class _Accumulators:
                 continue
             if ref[a].ndim == 3 and a in self.token_scores and ref[a].shape[-1] > 1 and ref[a].dtype.kind == "f":
                 top_r, top_q = ref[a].argmax(-1), test[b].argmax(-1)  # per token; padding positions left out
-                keep = mask if mask is not None and mask.shape == top_r.shape else np.ones(top_r.shape, bool)
-                self.agree[a].update(top_r[keep], top_q[keep])
+                if mask is not None and mask.shape == top_r.shape:
+                    top_r, top_q = top_r[mask], top_q[mask]
+                self.agree[a].update(top_r, top_q)
                 if labels is not None and a not in self._warned_labels:
                     self._warned_labels.add(a)
                     logger.warning("output '%s' holds token logits: labels (one per sample) are not compared", a)
@@ -503,8 +504,7 @@ def compare(
         if label_arr is not None and seen + n > len(label_arr):
             raise DataError(f"{len(label_arr)} labels but the data has more samples; give one label per sample")
         for chunk in iter_chunks(feeds, fp_in):
-            # the quantized model's dtypes (usually the same arrays); defaults it froze as weights are not fed
-            q_chunk = q_in.feeds({k: v for k, v in chunk.feeds.items() if k in q_in.by_name}, where)
+            q_chunk = q_in.feeds(chunk.feeds, where, known_only=True)  # the quantized model's dtypes and inputs
             at = seen + chunk.start
             ref = _cut(dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=at))), chunk)
             test = _cut(dict(zip(q_fetch, run(q_sess, q_fetch, q_chunk, start=at))), chunk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -209,6 +211,7 @@ def test_weights_with_default_input_slots_are_frozen(tmp_path, preset, caplog) -
     src = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     np.save(tmp_path / "x.npy", rng.standard_normal((16, 8)).astype(np.float32))
+    caplog.set_level(logging.WARNING)  # the CLI tests leave the root logger at ERROR (--quiet)
     out = tmp_path / "q.onnx"
     qdq.quantize(src, preset, tmp_path / "x.npy", output=out, progress=False)
     assert [i.name for i in onnx.load(out).graph.input] == ["x"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -317,6 +319,7 @@ def test_batched_matmul_weight_keeps_blocks_and_drops_per_channel(name: str, blo
 
 def test_blank_calibration_input_is_warned_about(digits_onnx, caplog) -> None:
     """All-zero calibration data calibrates every activation range to nothing: one warning names the input."""
+    caplog.set_level(logging.WARNING)  # the CLI tests leave the root logger at ERROR (--quiet)
     q = Quantizer(digits_onnx, "int8")
     q.prepare()
     q.calibrate([np.zeros((8, 1, 8, 8), np.float32)], progress=False)

@@ -90,14 +90,16 @@ class UnbatchedInput:
     """An input the model takes whole with every run, with no sample axis (a scalar temperature, a fixed ``pads``
     vector): its one value, fed unchanged with every batch.
 
-    ``per_sample``: the file holds one copy per sample (``[samples, *shape]``, or with ``row`` ``[samples, ...]``
-    for a model shape ``(1, ...)``); every range read must then hold the same value, since one run takes one.
+    ``layout``: "one" (the file holds the value), "sample" (one copy per sample, ``[samples, *shape]``) or "row"
+    (one row per sample, ``[samples, ...]`` for a model shape ``(1, ...)``). Per sample, every range read must hold
+    the same value, since one run takes one.
     """
 
-    def __init__(self, inner: Array, name: str, *, per_sample: bool = False, row: bool = False) -> None:
-        self.inner, self.name, self.per_sample, self.row = inner, name, per_sample, row
-        self.shape: tuple[int, ...] = tuple((1, *inner.shape[1:]) if row else inner.shape[1:] if per_sample
-                                            else inner.shape)
+    def __init__(self, inner: Array, name: str, layout: str = "one") -> None:
+        self.inner, self.name = inner, name
+        self.per_sample, self.row = layout != "one", layout == "row"
+        self.shape: tuple[int, ...] = {"one": tuple(inner.shape), "sample": tuple(inner.shape[1:]),
+                                       "row": (1, *inner.shape[1:])}[layout]
         self.dtype = inner.dtype
         self._value: np.ndarray | None = None
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from qdq.data.arrays import (
 from qdq.data.images import IMAGE_SUFFIXES, ImageArray, InputShape, list_files, per_channel, target_size
 from qdq.data.text import TEXT_SUFFIXES
 from qdq.errors import ConfigError, DataError
-from qdq.model_inputs import ModelInputs, fmt_shape
+from qdq.model_inputs import ModelInputs, fits, fmt_shape
 
 __all__ = ["DataSource", "open_data"]
 
@@ -50,11 +49,14 @@ class _Chunk:
 
 
 def _whole_inputs(shape: tuple[int, ...], model_shape: InputShape | None, static_batch: int | None) -> bool:
-    """A file array ``[samples, *input shape]`` for a model whose first dim is fixed above 1 (a vector without batch
-    axis, a static batch): one dim more than the model input, the rest equal to its fixed shape."""
-    if model_shape is None or static_batch is None or len(shape) != len(model_shape) + 1:
-        return False
-    return all(isinstance(d, int) and d == s for d, s in zip(model_shape, shape[1:]))
+    """A file array ``[samples, *input shape]`` for a model whose first dim is fixed (a vector without batch axis, a
+    static batch): one dim more than the model input, the rest its shape, every dim of which is fixed."""
+    return (model_shape is not None and static_batch is not None and len(shape) > 0
+            and all(isinstance(d, int) for d in model_shape) and fits(shape[1:], model_shape))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _is_single_sample(name: str, shape: tuple[int, ...], model_shape: InputShape | None, label: str) -> bool:
@@ -82,21 +84,16 @@ def _is_single_sample(name: str, shape: tuple[int, ...], model_shape: InputShape
     )
 
 
-def _fits(shape: Sequence[int], model_shape: Sequence[Any]) -> bool:
-    """``shape`` has the model shape's rank and its fixed dims (dynamic ones match anything)."""
-    return len(shape) == len(model_shape) and all(not isinstance(w, int) or w == d for d, w in zip(shape, model_shape))
-
-
 def _unbatched_layout(name: str, shape: tuple[int, ...], model_shape: InputShape | None, label: str) -> str:
     """How a file holds an unbatched input: its one value ("one"), one copy per sample ("sample":
     ``[samples, *shape]``) or, for a model shape ``(1, ...)``, one row per sample ("row": ``position_ids`` saved
     ``(samples, S)`` for a ``(1, S)`` input)."""
     want = tuple(model_shape or ())
-    if _fits(shape, want):
+    if fits(shape, want):
         return "one"
-    if shape and _fits(shape[1:], want):
+    if shape and fits(shape[1:], want):
         return "sample"
-    if want and want[0] == 1 and len(shape) == len(want) and _fits(shape[1:], want[1:]):
+    if want and want[0] == 1 and len(shape) == len(want) and fits(shape[1:], want[1:]):
         return "row"
     what = "is a scalar (rank 0)" if not want else f"has no batch axis (model shape {fmt_shape(want)})"
     value = "0-d" if not want else fmt_shape(want)
@@ -148,23 +145,22 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
         samples: dict[str, tuple[int, ...]] = {}
         counts: dict[str, int] = {}
         unbatched = signature.unbatched if signature is not None else set()
-        per_sample: dict[str, str] = {}  # unbatched inputs: their layout in the file (_unbatched_layout)
-        stacked: dict[str, bool] = {}  # inputs saved as whole inputs, one per sample
+        layouts: dict[str, str] = {}  # unbatched inputs: how the file holds them (_unbatched_layout)
+        stacked: set[str] = set()  # inputs saved as whole inputs, one per sample
         for name in keys:
             member = arrays[keys[name]]
             shape = member.shape
             if name in unbatched:
-                per_sample[name] = _unbatched_layout(name, shape, shapes.get(name), str(path))
-                samples[name] = {"one": shape, "sample": shape[1:], "row": (1, *shape[1:])}[per_sample[name]]
+                layouts[name] = _unbatched_layout(name, shape, shapes.get(name), str(path))
+                samples[name] = UnbatchedInput(member, name, layouts[name]).shape  # the model's view of it
                 assert signature is not None
                 signature.check_array(name, member.dtype, samples[name], str(path))
-                if per_sample[name] != "one":
+                if layouts[name] != "one":
                     counts[name] = shape[0]
                 continue
             model_shape = shapes.get(name)
             if signature is not None and _whole_inputs(shape, model_shape, signature.static_batch):
-                stacked[name] = True  # [samples, *input shape]: each sample is one whole run
-                singles[name] = False
+                stacked.add(name)  # [samples, *input shape]: each sample is one whole run
                 samples[name] = shape[1:]
                 signature.check_array(name, member.dtype, shape[1:], str(path))
                 counts[name] = shape[0]
@@ -182,7 +178,7 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
         raise DataError(f"{path}: inputs have different sample counts ({detail}); save the same number per input")
-    batched = [n for n in counts if n not in per_sample]
+    batched = [n for n in counts if n not in layouts]
     if stacked and len(stacked) != len(batched):
         raise DataError(f"{path}: inputs {', '.join(stacked)} hold whole inputs per sample (one dim more than the "
                         f"model input) but {', '.join(n for n in batched if n not in stacked)} do not; save every "
@@ -191,8 +187,8 @@ def _array_chunk(path: Path, names: Sequence[str], shapes: Mapping[str, InputSha
     def wrap(name: str, member: Array) -> Array:
         if name in stacked:
             return StackedInputs(member)
-        if name in per_sample:
-            return UnbatchedInput(member, name, per_sample=per_sample[name] != "one", row=per_sample[name] == "row")
+        if name in layouts:
+            return UnbatchedInput(member, name, layouts[name])
         if singles[name]:
             return SingleSample(member) if samples[name] else UnbatchedInput(member, name)
         return member
@@ -286,9 +282,7 @@ class DataSource:
         """The samples :meth:`batches` serves per batch for ``batch_size``: rounded up to a multiple of a static
         model batch (the model runs that many rows at a time: others would be padded with copies)."""
         static = self.signature.static_batch if self.signature is not None else None
-        if static and self.rows_per_sample == 1 and batch_size % static:
-            batch_size += static - batch_size % static
-        return batch_size
+        return _round_up(batch_size, static) if static and self.rows_per_sample == 1 else batch_size
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield ``{input name: C-contiguous [n, ...]}`` with n = ``batch_size`` (the last may be smaller).
@@ -426,10 +420,12 @@ def open_data(
     if num_samples is not None:
         take = num_samples
         static = signature.static_batch if signature is not None else None
-        if role == "calibration" and static and chunks and chunks[0].rows == 1 and take % static:
+        if role == "calibration" and static and chunks and chunks[0].rows == 1:
             # rows of a static batch run together: a cut inside one would calibrate on copies of its first rows
-            take += static - take % static
-            logger.info("%d calibration samples rounded up to %d, a multiple of the model's batch", num_samples, take)
+            take = _round_up(num_samples, static)
+            if take != num_samples:
+                logger.info("%d calibration samples rounded up to %d, a multiple of the model's batch", num_samples,
+                            take)
         chunks = _take(chunks, take)
         if num_samples > total:
             logger.warning("%s data %s has %d samples, fewer than the %d requested: using all", role, path, total,

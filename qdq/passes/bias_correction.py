@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qdq import numerics
+from qdq.passes._qdq_nodes import add_initializer
 from qdq.plan import QuantPlan
 from qdq.qparams import QParams
 
@@ -85,22 +86,15 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             bias_value = node.inputs[2] if len(node.inputs) > 2 else None
             shift = _shift(node, (w - wq).astype(np.float64), mean.astype(np.float64))
             if bias_value is None:  # the op had no bias: the correction is its bias
-                dtype = model.graph.initializers[target.tensor].const_value.dtype.numpy()  # type: ignore[union-attr]
-                new = ir.Value(name=f"{name}_bias_correction", type=ir.TensorType(ir.DataType.from_numpy(dtype)),
-                               shape=ir.Shape(shift.shape), const_value=ir.tensor(shift.astype(dtype)))
-                model.graph.register_initializer(new)
-                node.resize_inputs(3)
-                node.replace_input_with(2, new)
-                done += 1
-                continue
-            assert bias_value.const_value is not None
-            b = bias_value.const_value.numpy()
+                b = np.zeros(shift.shape, model.graph.initializers[target.tensor].const_value.dtype.numpy())  # type: ignore[union-attr]
+            else:
+                assert bias_value.const_value is not None
+                b = bias_value.const_value.numpy()
             corrected = (b.astype(np.float32) + shift).astype(b.dtype)  # float16 models keep float16 biases
-            if bias_value.uses() and len({u.node.name for u in bias_value.uses()}) > 1:
-                new = ir.Value(name=f"{bias_value.name}_corrected", type=ir.TensorType(bias_value.const_value.dtype),
-                               shape=ir.Shape(corrected.shape), const_value=ir.tensor(corrected))
-                model.graph.register_initializer(new)
-                node.replace_input_with(2, new)
+            if bias_value is None or len({u.node.name for u in bias_value.uses()}) > 1:  # a bias of its own
+                base = f"{name}_bias" if bias_value is None else bias_value.name
+                node.resize_inputs(3)
+                node.replace_input_with(2, add_initializer(model.graph, f"{base}_corrected", corrected))
             else:
                 bias_value.const_value = ir.tensor(corrected, name=bias_value.name)
             done += 1

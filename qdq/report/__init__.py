@@ -135,7 +135,7 @@ def build_report(fp32_model: Any, quant_model: Any, data: Any, *, labels: Any = 
             if first_feeds is None:
                 first_feeds = chunk.feeds
             ref = dict(zip(fp_fetch, run(fp_sess, fp_fetch, chunk.feeds, start=seen), strict=True))
-            q_feeds = q_inputs.feeds({k: v for k, v in chunk.feeds.items() if k in q_inputs.by_name})
+            q_feeds = q_inputs.feeds(chunk.feeds, known_only=True)
             test = dict(zip(q_fetch, run(q_sess, q_fetch, q_feeds, start=seen), strict=True))
             for ly in plan.layers:
                 want = chunk.unpad(ref[ly.output])
